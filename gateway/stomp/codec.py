@@ -160,11 +160,15 @@ class FrameParser:
                 i = end
                 break
             line_len = nl - self._line_start
+            if line_len and buf[nl - 1] == 0x0D:
+                line_len -= 1  # the CR of a CRLF is part of the EOL, not of the line
             if line_len > self.max_header_line_bytes:
                 raise HeaderLineTooLong(
                     f"Header line exceeds the limit of {self.max_header_line_bytes} bytes")
-            if line_len == 0 or (line_len == 1 and buf[self._line_start] == 0x0D):
+            if line_len == 0:
                 header_end = nl + 1
+                if header_end - self._pos + 1 > self.max_frame_bytes:  # headers + NUL alone too big
+                    raise FrameTooLarge(f"The frame exceeds the limit of {self.max_frame_bytes} bytes")
                 self._parse_header_block(bytes(buf[self._pos: self._line_start]), header_end)
                 self._scan = header_end
                 return True
@@ -208,7 +212,10 @@ class FrameParser:
             if name == "content-length":
                 if not value.isascii() or not value.isdigit():
                     raise ProtocolError(f"Invalid content-length {value[:32]!r}")
-                content_length = int(value)
+                digits = value.lstrip("0")
+                if len(digits) > 18:  # int() refuses > 4300 digits; anything this long is too big
+                    raise FrameTooLarge(f"The frame exceeds the limit of {self.max_frame_bytes} bytes")
+                content_length = int(digits or "0")
                 break
         header_bytes = header_end - self._pos
         if content_length is not None and header_bytes + content_length + 1 > self.max_frame_bytes:
@@ -249,16 +256,20 @@ _ALWAYS_LENGTH = frozenset({"MESSAGE", "ERROR", "SEND"})
 def serialize(frame: Frame, *, escape_headers: bool = True) -> bytes:
     """Encode a frame. ``content-length`` is computed from the body (any given value is replaced) and
     written on MESSAGE, ERROR and SEND frames always, on other frames when they have a body.
-    Headers are escaped unless ``escape_headers`` is false (STOMP 1.0) or the frame is CONNECT/CONNECTED.
+    Headers are escaped unless ``escape_headers`` is false (STOMP 1.0) or the frame is CONNECT/STOMP/
+    CONNECTED. Raises ``ValueError`` for a header that cannot be written (an empty name; unescaped, a
+    name with ``:`` or a name or value with CR or LF).
     """
     escaping = escape_headers and frame.command not in UNESCAPED_COMMANDS
     parts = [frame.command, "\n"]
     for name, value in frame.headers:
         if name == "content-length":
             continue
+        if not name:
+            raise ValueError("header names cannot be empty")
         if escaping:
             name, value = escape(name), escape(value)
-        elif "\n" in name or "\n" in value or (":" in name):
+        elif ":" in name or "\n" in name or "\r" in name or "\n" in value or "\r" in value:
             raise ValueError(f"header {name!r} cannot be sent unescaped")
         parts += (name, ":", value, "\n")
     if frame.body or frame.command in _ALWAYS_LENGTH:
@@ -270,18 +281,19 @@ def serialize(frame: Frame, *, escape_headers: bool = True) -> bytes:
 class MessageTemplate:
     """A MESSAGE serialized once per destination; only ``subscription`` and ``message-id`` vary.
 
-    Header order is Spring's: destination, content-type, subscription, message-id, [extra headers],
-    content-length. ``render`` costs two small string encodes and one join per receiver.
+    Header order is Spring's: destination, content-type, subscription, message-id, [ack],
+    [extra headers], content-length. ``render`` costs two small string encodes and one join per receiver.
     """
 
-    __slots__ = ("_body_tail", "_extra", "_heads", "body", "content_type", "destination")
+    __slots__ = ("_extra", "_heads", "body", "content_type", "destination")
 
     def __init__(self, destination: str, body: bytes, *, content_type: str | None = "application/json",
                  extra_headers: tuple[tuple[str, str], ...] = ()) -> None:
         self.destination = destination
         self.body = body
         self.content_type = content_type
-        self._extra = extra_headers
+        # content-length is always computed from the body (as serialize does), never taken from here
+        self._extra = tuple((k, v) for k, v in extra_headers if k != "content-length")
         self._heads: dict[bool, tuple[bytes, bytes]] = {}
 
     def _parts(self, escaping: bool) -> tuple[bytes, bytes]:
@@ -298,9 +310,13 @@ class MessageTemplate:
             self._heads[escaping] = cached
         return cached
 
-    def render(self, subscription: str, message_id: str, *, escape_headers: bool = True) -> bytes:
+    def render(self, subscription: str, message_id: str, *, escape_headers: bool = True,
+               ack: str | None = None) -> bytes:
+        """The MESSAGE for one receiver. ``ack`` adds STOMP 1.2's ``ack`` header (client ack modes)."""
         head, tail = self._parts(escape_headers)
         if escape_headers:
             subscription, message_id = escape(subscription), escape(message_id)
-        middle = f"subscription:{subscription}\nmessage-id:{message_id}\n".encode()
-        return b"".join((head, middle, tail))
+        middle = f"subscription:{subscription}\nmessage-id:{message_id}\n"
+        if ack is not None:
+            middle += f"ack:{escape(ack) if escape_headers else ack}\n"
+        return b"".join((head, middle.encode("utf-8"), tail))

@@ -26,8 +26,8 @@ CLIENT_COMMANDS = frozenset({
 SERVER_COMMANDS = frozenset({"CONNECTED", "MESSAGE", "RECEIPT", "ERROR"})
 ALL_COMMANDS = CLIENT_COMMANDS | SERVER_COMMANDS
 
-# Frames whose headers are never escaped (STOMP 1.2, "Value Encoding").
-UNESCAPED_COMMANDS = frozenset({"CONNECT", "CONNECTED"})
+# Frames whose headers are never escaped (STOMP 1.2, "Value Encoding"; STOMP is CONNECT's other name).
+UNESCAPED_COMMANDS = frozenset({"CONNECT", "STOMP", "CONNECTED"})
 
 
 class StompError(Exception):
