@@ -1,0 +1,268 @@
+"""The node's message hub: routing between STOMP sessions, application handlers and the broker.
+
+Owns:
+- :class:`MessageRouter`, the ``@MessageMapping`` analogue: handlers for application destinations
+  (``/pub/...``), registered with a decorator on the path below the application prefix;
+- :class:`Hub`: the node-local subscription registry, node-level broker (un)subscription on the first
+  and last local subscriber, inbound publication fan-out (one :class:`MessageTemplate` per
+  publication, rendered per receiver), publication interceptors (used by the chat layer to order
+  and de-duplicate by sequence), and session lifecycle hooks (connect, subscribe, unsubscribe,
+  disconnect — the last exactly once per session).
+
+Data flows one way: session -> router -> handler -> broker.publish -> broker callback on every node
+-> interceptors -> registry -> each session's ``deliver`` (which only enqueues, never awaits).
+
+Must not import Starlette, the transport layer or the chat domain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gateway.broker.base import Broker, Publication
+from gateway.broker.patterns import is_pattern, matches
+from gateway.broker.registry import SubscriptionRegistry
+from gateway.stomp.codec import MessageTemplate
+
+log = logging.getLogger(__name__)
+
+
+class MessageRejected(Exception):
+    """Raised by an application handler: the client gets an ERROR with ``str(exc)`` as ``message``."""
+
+
+class SubscriptionDenied(Exception):
+    """Raised by a subscribe hook: the client may not read this destination."""
+
+
+@dataclass(slots=True, eq=False)
+class SessionInfo:
+    """What the rest of the node may know about one STOMP session."""
+
+    session_id: str
+    transport: str
+    remote: str
+    user: str | None = None
+    version: str | None = None
+    attributes: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """A client's SEND to an application destination, as a handler sees it."""
+
+    session: SessionInfo
+    destination: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+class Subscriber(Protocol):
+    """A local session as the hub sees it (implemented by the transport's connection)."""
+
+    info: SessionInfo
+
+    def __hash__(self) -> int: ...
+
+    def deliver(self, template: MessageTemplate, subscription_id: str) -> None:
+        """Queue one MESSAGE for the subscription; must not block or raise."""
+
+    def close_soon(self, code: int, reason: str, error: str | None = None) -> None:
+        """Ask the session to close (optionally after an ERROR frame); must not block."""
+
+
+Handler = Callable[[InboundMessage], Awaitable[None]]
+Interceptor = Callable[[Publication], Iterable[Publication]]
+SessionHook = Callable[[SessionInfo], Awaitable[None]]
+SubscriptionHook = Callable[[SessionInfo, str, str], Awaitable[None]]
+GapListener = Callable[[frozenset[str]], None]
+
+
+class MessageRouter:
+    """Application destination handlers keyed by the path below an application prefix."""
+
+    def __init__(self, app_prefixes: tuple[str, ...] = ("/pub",)) -> None:
+        self.app_prefixes = app_prefixes
+        self._exact: dict[str, Handler] = {}
+        self._patterns: list[tuple[str, Handler]] = []
+
+    def message_mapping(self, path: str) -> Callable[[Handler], Handler]:
+        """Decorator: ``@router.message_mapping("/chat/message")`` handles ``/pub/chat/message``."""
+        def register(handler: Handler) -> Handler:
+            self.add(path, handler)
+            return handler
+        return register
+
+    def add(self, path: str, handler: Handler) -> None:
+        if not path.startswith("/"):
+            path = "/" + path
+        if is_pattern(path):
+            self._patterns.append((path, handler))
+        else:
+            self._exact[path] = handler
+
+    def resolve(self, destination: str) -> Handler | None:
+        for prefix in self.app_prefixes:
+            base = prefix.rstrip("/")
+            if destination.startswith(base + "/"):
+                path = destination[len(base):]
+                handler = self._exact.get(path)
+                if handler is not None:
+                    return handler
+                for pattern, pattern_handler in self._patterns:
+                    if matches(pattern, path):
+                        return pattern_handler
+        return None
+
+
+class Hub:
+    """Per-node routing core; see the module docstring."""
+
+    def __init__(self, broker: Broker, router: MessageRouter, *, node_id: str) -> None:
+        self.broker = broker
+        self.router = router
+        self.node_id = node_id
+        self.registry: SubscriptionRegistry[Subscriber] = SubscriptionRegistry()
+        self.sessions: dict[str, Subscriber] = {}
+        self.user_sessions: dict[str, int] = {}
+        self.interceptors: list[Interceptor] = []
+        self.on_connect: list[SessionHook] = []
+        self.on_subscribe: list[SubscriptionHook] = []
+        self.on_unsubscribe: list[SubscriptionHook] = []
+        self.on_disconnect: list[SessionHook] = []
+        self.gap_listeners: list[GapListener] = []
+        self._subscriptions: dict[str, dict[str, str]] = {}  # session id -> {sub id: destination}
+        self._broker_lock = asyncio.Lock()
+        self._ended: set[str] = set()
+        self.delivered = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.broker.start(self.receive_publication, self._gap)
+
+    async def stop(self) -> None:
+        await self.broker.stop()
+
+    def _gap(self, destinations: frozenset[str]) -> None:
+        for listener in self.gap_listeners:
+            try:
+                listener(destinations)
+            except Exception:
+                log.exception("gap listener failed")
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    def register(self, subscriber: Subscriber) -> None:
+        self.sessions[subscriber.info.session_id] = subscriber
+
+    async def session_connected(self, subscriber: Subscriber) -> None:
+        user = subscriber.info.user
+        if user is not None:
+            self.user_sessions[user] = self.user_sessions.get(user, 0) + 1
+        for hook in self.on_connect:
+            await hook(subscriber.info)
+
+    async def session_ended(self, subscriber: Subscriber, *, connected: bool) -> None:
+        """Remove the session's subscriptions and run disconnect hooks, exactly once per session."""
+        info = subscriber.info
+        if info.session_id in self._ended:
+            return
+        self._ended.add(info.session_id)
+        self.sessions.pop(info.session_id, None)
+        for sub_id, destination in list(self._subscriptions.get(info.session_id, {}).items()):
+            await self._remove_subscription(subscriber, sub_id, destination)
+        self._subscriptions.pop(info.session_id, None)
+        if connected:
+            if info.user is not None:
+                left = self.user_sessions.get(info.user, 1) - 1
+                if left <= 0:
+                    self.user_sessions.pop(info.user, None)
+                else:
+                    self.user_sessions[info.user] = left
+            for hook in self.on_disconnect:
+                try:
+                    await hook(info)
+                except Exception:
+                    log.exception("disconnect hook failed for session %s", info.session_id)
+        self._ended.discard(info.session_id)
+
+    # --- subscriptions ------------------------------------------------------------------------
+
+    async def subscribe(self, subscriber: Subscriber, subscription_id: str, destination: str) -> None:
+        """Register a subscription (broker-subscribing the node on the first), then run hooks.
+
+        Raises :class:`SubscriptionDenied` from a hook; the subscription is then removed again.
+        """
+        async with self._broker_lock:
+            if self.registry.add(destination, subscriber, subscription_id):
+                try:
+                    await self.broker.subscribe(destination)
+                except BaseException:
+                    self.registry.remove(destination, subscriber, subscription_id)
+                    raise
+        self._subscriptions.setdefault(subscriber.info.session_id, {})[subscription_id] = destination
+        try:
+            for hook in self.on_subscribe:
+                await hook(subscriber.info, subscription_id, destination)
+        except SubscriptionDenied:
+            await self.unsubscribe(subscriber, subscription_id, destination, run_hooks=False)
+            raise
+
+    async def unsubscribe(self, subscriber: Subscriber, subscription_id: str, destination: str,
+                          *, run_hooks: bool = True) -> None:
+        removed = await self._remove_subscription(subscriber, subscription_id, destination)
+        if removed and run_hooks:
+            for hook in self.on_unsubscribe:
+                await hook(subscriber.info, subscription_id, destination)
+
+    async def _remove_subscription(self, subscriber: Subscriber, subscription_id: str, destination: str) -> bool:
+        subs = self._subscriptions.get(subscriber.info.session_id)
+        if subs is None or subs.pop(subscription_id, None) is None:
+            return False
+        async with self._broker_lock:
+            if self.registry.remove(destination, subscriber, subscription_id):
+                try:
+                    await self.broker.unsubscribe(destination)
+                except Exception:
+                    log.warning("broker unsubscribe of %s failed", destination, exc_info=True)
+        return True
+
+    # --- publishing and delivery ---------------------------------------------------------------
+
+    async def publish(self, publication: Publication) -> None:
+        await self.broker.publish(publication)
+
+    def receive_publication(self, publication: Publication) -> None:
+        """Broker callback: run interceptors, then fan out locally. Never blocks."""
+        publications: Iterable[Publication] = (publication,)
+        for interceptor in self.interceptors:
+            publications = [out for pub in publications for out in interceptor(pub)]
+        for pub in publications:
+            self.deliver_locally(pub)
+
+    def deliver_locally(self, publication: Publication) -> int:
+        """Render ``publication`` to every local subscriber of its destination; returns the count."""
+        receivers = list(self.registry.match(publication.destination))
+        if not receivers:
+            return 0
+        template = MessageTemplate(publication.destination, publication.body,
+                                   content_type=publication.content_type, extra_headers=publication.headers)
+        for subscriber, subscription_id in receivers:
+            subscriber.deliver(template, subscription_id)
+        self.delivered += len(receivers)
+        return len(receivers)
+
+    def close_all(self, code: int, reason: str, error: str | None = None) -> None:
+        for subscriber in list(self.sessions.values()):
+            subscriber.close_soon(code, reason, error)

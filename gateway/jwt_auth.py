@@ -1,0 +1,94 @@
+"""JWT authentication compatible with the Spring reference (jjwt 0.9.1, HS256).
+
+Owns: reading the token from a CONNECT frame (``token`` header, or ``Authorization`` with or
+without ``Bearer ``), verifying it with a fixed algorithm list (HS256 only) and a required ``exp``,
+and taking the user name from ``jti`` (the reference's claim; ``sub`` as a fallback). Also mints
+tokens the same way (for the chat page's ``/chat/user``).
+
+Key derivation: jjwt 0.9's ``signWith(HS256, String)`` treats the string as Base64 key material.
+``jwt_secret`` is that string: the HMAC key is its Base64 decoding (standard or URL-safe alphabet,
+padding optional), exactly as a Java node derives it, so tokens minted by either side verify on both.
+
+Must not import Starlette, the transport layer or the chat domain.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import time
+import uuid
+
+import jwt
+
+from gateway.stomp.frames import Frame
+from gateway.stomp.session import AuthenticationFailed, Authenticator
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS = ["HS256"]
+
+
+def key_from_secret(secret: str) -> bytes:
+    """jjwt 0.9's String-secret rule: the secret is Base64; the key is the decoded bytes."""
+    cleaned = "".join(secret.split())
+    padded = cleaned + "=" * (-len(cleaned) % 4)
+    try:
+        if "-" in padded or "_" in padded:
+            return base64.urlsafe_b64decode(padded)
+        return base64.b64decode(padded, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("jwt_secret is not valid Base64 (jjwt 0.9 reads String secrets as Base64)") from None
+
+
+def token_from_headers(frame: Frame) -> str | None:
+    token = frame.get("token")
+    if token:
+        return token.strip()
+    authorization = frame.get("Authorization") or frame.get("authorization")
+    if authorization:
+        value = authorization.strip()
+        if value[:7].lower() == "bearer ":
+            value = value[7:].strip()
+        return value or None
+    return None
+
+
+def user_from_token(token: str, key: bytes) -> str:
+    try:
+        claims = jwt.decode(token, key, algorithms=ALGORITHMS, options={"require": ["exp"]})
+    except jwt.ExpiredSignatureError:
+        raise AuthenticationFailed("Authentication failed: token expired") from None
+    except jwt.PyJWTError:
+        raise AuthenticationFailed("Authentication failed: invalid token") from None
+    user = claims.get("jti") or claims.get("sub")
+    if not isinstance(user, str) or not user:
+        raise AuthenticationFailed("Authentication failed: token names no user")
+    return user
+
+
+def mint_token(user: str, key: bytes, *, ttl_s: int = 3600, now: float | None = None) -> str:
+    """A token shaped like the reference's: ``jti`` = user name, ``iat``, ``exp`` (1 h)."""
+    issued = int(time.time() if now is None else now)
+    return jwt.encode({"jti": user, "iat": issued, "exp": issued + ttl_s}, key, algorithm="HS256")
+
+
+def jwt_authenticator(secret: str) -> Authenticator:
+    key = key_from_secret(secret)
+
+    def authenticate(frame: Frame) -> str | None:
+        token = token_from_headers(frame)
+        if token is None:
+            log.info("CONNECT without token rejected")
+            raise AuthenticationFailed("Authentication failed: no token")
+        try:
+            return user_from_token(token, key)
+        except AuthenticationFailed as exc:
+            log.info("CONNECT rejected: %s", exc)
+            raise
+    return authenticate
+
+
+def anonymous_name() -> str:
+    return f"guest-{uuid.uuid4().hex[:6]}"

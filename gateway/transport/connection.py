@@ -1,0 +1,303 @@
+"""One STOMP connection over any transport: the asyncio shell around a sans-I/O StompSession.
+
+Owns: feeding received bytes to the session and executing its events through the hub, the
+bounded outbound queue and its single writer task (past ``outbound_max_bytes`` queued, or one send
+blocked past ``outbound_send_timeout_s``, the session is closed with 4500 without slowing anyone
+else), the CONNECT deadline, heart-beat timers, and closing exactly once.
+
+The protocol decisions live in :mod:`gateway.stomp.session`; the routing in :mod:`gateway.hub`.
+Must not import Starlette or the chat domain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+
+from gateway.broker.base import BrokerUnavailable, Publication
+from gateway.hub import Hub, InboundMessage, MessageRejected, SessionInfo, SubscriptionDenied
+from gateway.settings import Settings
+from gateway.stomp.codec import MessageTemplate
+from gateway.stomp.frames import Frame
+from gateway.stomp.session import (
+    AuthenticationFailed,
+    Authenticator,
+    CloseRequested,
+    Connected,
+    DisconnectRequested,
+    Event,
+    MessageSent,
+    ReceiptRequested,
+    SessionConfig,
+    StompSession,
+    Subscribed,
+    Unsubscribed,
+)
+from gateway.transport.base import (
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_SLOW_CONSUMER,
+    FrameSink,
+)
+
+log = logging.getLogger(__name__)
+
+_ids = itertools.count(1)
+_prefix = f"{os.getpid():x}"
+
+
+def session_config(settings: Settings) -> SessionConfig:
+    return SessionConfig(
+        max_frame_bytes=settings.max_frame_bytes, max_headers=settings.max_headers,
+        max_header_line_bytes=settings.max_header_line_bytes, max_subscriptions=settings.max_subscriptions,
+        max_transactions=settings.max_transactions, max_transaction_frames=settings.max_transaction_frames,
+        max_pending_acks=settings.max_pending_acks, heartbeat_send_min_ms=settings.heartbeat_send_min_ms,
+        heartbeat_receive_ms=settings.heartbeat_receive_ms, heartbeat_grace=settings.heartbeat_grace,
+        app_prefixes=settings.app_prefixes, broker_prefixes=settings.broker_prefixes,
+        allow_client_broker_send=settings.allow_client_broker_send)
+
+
+class _Close:
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+class StompConnection:
+    """Implements :class:`gateway.transport.base.Connection` and :class:`gateway.hub.Subscriber`."""
+
+    def __init__(self, hub: Hub, settings: Settings, config: SessionConfig, sink: FrameSink, *,
+                 transport: str, remote: str, authenticator: Authenticator | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.hub = hub
+        self.settings = settings
+        self.sink = sink
+        self.clock = clock
+        session_id = f"{_prefix}{next(_ids):x}"
+        self.info = SessionInfo(session_id=session_id, transport=transport, remote=remote)
+        self.session = StompSession(session_id, config, self._authenticate_wrapper(authenticator),
+                                    now=clock())
+        self._auth = authenticator
+        self._queue: deque[bytes | _Close] = deque()
+        self._queued_bytes = 0
+        self._wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._lost = False
+        self._connected = False
+        self._connected_event = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    # --- Connection protocol ----------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closing or self._lost
+
+    async def start(self) -> None:
+        self.hub.register(self)
+        self._tasks.append(asyncio.create_task(self._writer(), name=f"stomp-writer-{self.info.session_id}"))
+        self._tasks.append(asyncio.create_task(self._timers(), name=f"stomp-timers-{self.info.session_id}"))
+
+    async def receive(self, data: bytes) -> None:
+        if self.closed:
+            return
+        async with self._lock:  # transports may call concurrently (SockJS xhr_send)
+            events = self.session.receive_data(data, self.clock())
+            self._drain_session()
+            for event in events:
+                if self._lost:
+                    break
+                await self._handle(event)
+                self._drain_session()
+
+    async def connection_lost(self) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self.session.close()
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        await self.hub.session_ended(self, connected=self._connected)
+
+    # --- Subscriber protocol ----------------------------------------------------------------
+
+    def deliver(self, template: MessageTemplate, subscription_id: str) -> None:
+        if self.closed:
+            return
+        data = self.session.render_message(template, subscription_id)
+        if data is not None:
+            self._enqueue(data)
+
+    def close_soon(self, code: int, reason: str, error: str | None = None) -> None:
+        if self.closed:
+            return
+        if error is not None:
+            self.session.send_error(error)
+            self._drain_session()
+        self._begin_close(code, reason)
+
+    # --- event execution -----------------------------------------------------------------------
+
+    def _authenticate_wrapper(self, authenticator: Authenticator | None) -> Authenticator:
+        limit = self.settings.max_sessions_per_user
+
+        def authenticate(frame: Frame) -> str | None:
+            user = authenticator(frame) if authenticator is not None else None
+            if limit and user is not None and self.hub.user_sessions.get(user, 0) >= limit:
+                raise AuthenticationFailed(f"Too many sessions for user {user!r} (limit {limit})")
+            return user
+        return authenticate
+
+    async def _handle(self, event: Event) -> None:
+        try:
+            if isinstance(event, MessageSent):
+                await self._message(event)
+            elif isinstance(event, Subscribed):
+                await self.hub.subscribe(self, event.subscription_id, event.destination)
+                if event.receipt is not None:
+                    self.session.send_receipt(event.receipt)
+            elif isinstance(event, Unsubscribed):
+                await self.hub.unsubscribe(self, event.subscription_id, event.destination)
+                if event.receipt is not None:
+                    self.session.send_receipt(event.receipt)
+            elif isinstance(event, ReceiptRequested):
+                self.session.send_receipt(event.receipt)
+            elif isinstance(event, Connected):
+                self.info.user = event.user
+                self.info.version = event.version
+                self._connected = True
+                self._connected_event.set()
+                await self.hub.session_connected(self)
+            elif isinstance(event, DisconnectRequested):
+                if event.receipt is not None:
+                    self.session.send_receipt(event.receipt)
+                self._drain_session()
+                self._begin_close(CLOSE_NORMAL, "DISCONNECT")
+            elif isinstance(event, CloseRequested):
+                self._begin_close(event.code, event.reason)
+        except (MessageRejected, SubscriptionDenied) as exc:
+            self._fail(str(exc), getattr(event, "receipt", None))
+        except BrokerUnavailable:
+            log.warning("session %s: broker unavailable", self.info.session_id)
+            self._fail("Message broker unavailable, try again", getattr(event, "receipt", None))
+        except Exception:
+            log.exception("session %s: internal error handling %s", self.info.session_id, type(event).__name__)
+            self._fail("Internal server error", getattr(event, "receipt", None))
+
+    async def _message(self, event: MessageSent) -> None:
+        if event.to_broker:
+            content_type = event.get("content-type")
+            await self.hub.publish(Publication(event.destination, event.body, content_type=content_type,
+                                               headers=event.custom_headers, origin=self.hub.node_id))
+        else:
+            handler = self.hub.router.resolve(event.destination)
+            if handler is None:
+                raise MessageRejected(f"No handler for destination {event.destination!r}")
+            await handler(InboundMessage(self.info, event.destination, event.headers, event.body))
+        if event.receipt is not None:
+            self.session.send_receipt(event.receipt)
+
+    def _fail(self, message: str, receipt: str | None) -> None:
+        close = self.session.send_error(message, receipt)
+        self._drain_session()
+        self._begin_close(close.code, close.reason)
+
+    # --- outbound ------------------------------------------------------------------------------
+
+    def _drain_session(self) -> None:
+        for data in self.session.data_to_send():
+            self._enqueue(data, force=True)
+
+    def _enqueue(self, data: bytes, *, force: bool = False) -> None:
+        if self._closing:
+            return
+        if not force and self._queued_bytes + len(data) > self.settings.outbound_max_bytes:
+            log.info("session %s: outbound queue over %d bytes, closing slow consumer",
+                     self.info.session_id, self.settings.outbound_max_bytes)
+            self._abort_slow()
+            return
+        self._queue.append(data)
+        self._queued_bytes += len(data)
+        self._wakeup.set()
+
+    def _abort_slow(self) -> None:
+        # Drop what is queued: a slow consumer must not hold memory or delay its close.
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._begin_close(CLOSE_SLOW_CONSUMER, "Send limit exceeded")
+
+    def _begin_close(self, code: int, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self.session.close()
+        self._queue.append(_Close(code, reason))
+        self._wakeup.set()
+
+    async def _writer(self) -> None:
+        timeout = self.settings.outbound_send_timeout_s
+        try:
+            while True:
+                while not self._queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                item = self._queue.popleft()
+                if isinstance(item, _Close):
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self.sink.close(item.code, item.reason), timeout)
+                    break
+                self._queued_bytes -= len(item)
+                try:
+                    await asyncio.wait_for(self.sink.send(item), timeout)
+                except TimeoutError:
+                    log.info("session %s: send blocked over %.1fs, closing", self.info.session_id, timeout)
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self.sink.close(CLOSE_SLOW_CONSUMER, "Send time limit exceeded"),
+                                               timeout)
+                    break
+                except Exception:
+                    break  # the transport is gone
+                self.session.note_sent(self.clock())
+        except asyncio.CancelledError:
+            return
+        await self.connection_lost()
+
+    async def _timers(self) -> None:
+        try:
+            deadline = self.settings.connect_timeout_s
+            try:
+                await asyncio.wait_for(self._connected_event.wait(), deadline)
+            except TimeoutError:
+                if not self.closed:
+                    log.info("session %s: no CONNECT within %.1fs", self.info.session_id, deadline)
+                    self.session.send_error(f"No CONNECT frame within {deadline:g} s")
+                    self._drain_session()
+                    self._begin_close(CLOSE_POLICY, "CONNECT timeout")
+                return
+            while not self.closed:
+                now = self.clock()
+                if self.session.peer_timed_out(now):
+                    log.info("session %s: no heart-beat from client, closing", self.info.session_id)
+                    self._begin_close(CLOSE_PROTOCOL_ERROR, "Heart-beat timeout")
+                    return
+                if self.session.heartbeat_due(now) and not self._queue:
+                    self._enqueue(b"\n", force=True)
+                    self.session.note_sent(now)
+                wait = self.session.next_timer(self.clock())
+                if wait is None:
+                    return
+                await asyncio.sleep(max(wait, 0.01))
+        except asyncio.CancelledError:
+            return
