@@ -82,6 +82,11 @@ class Settings:
     redis_channel_prefix: str = _setting("", "Prefix put before every Redis channel name.")
     redis_single_channel: str = _setting("chatroom", "Channel name used when redis_channel_mode=single.")
     redis_reconnect_max_s: float = _setting(30.0, "Longest back-off between Redis reconnect attempts.")
+    redis_timeout_s: float = _setting(
+        2.0, "Seconds a Redis connect, PUBLISH or health-check PING may take before Redis counts as down.")
+    redis_health_check_s: float = _setting(
+        5.0, "Seconds of silence on the Redis pub/sub connection before it is PINGed.")
+    redis_pool_size: int = _setting(16, "Most Redis connections one node opens for publishing.")
     presence_ttl_s: int = _setting(30, "Seconds a dead node's presence entries survive before expiring.")
 
     # --- STOMP destinations ---------------------------------------------------------------------
@@ -144,7 +149,8 @@ class Settings:
                          "max_transactions", "max_transaction_frames", "max_pending_acks",
                          "outbound_max_bytes", "max_message_chars", "max_room_name_chars",
                          "history_max_limit", "commit_batch_max", "sockjs_streaming_limit_bytes",
-                         "sockjs_max_cached_messages", "workers", "presence_ttl_s")
+                         "sockjs_max_cached_messages", "workers", "presence_ttl_s",
+                         "redis_pool_size")
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1 (got {getattr(self, name)})")
@@ -153,7 +159,8 @@ class Settings:
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative (got {getattr(self, name)})")
         positive_floats = ("connect_timeout_s", "outbound_send_timeout_s", "sockjs_heartbeat_s",
-                           "sockjs_disconnect_delay_s", "drain_timeout_s", "redis_reconnect_max_s")
+                           "sockjs_disconnect_delay_s", "drain_timeout_s", "redis_reconnect_max_s",
+                           "redis_timeout_s", "redis_health_check_s")
         for name in positive_floats:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive (got {getattr(self, name)})")
