@@ -139,6 +139,8 @@ class Settings:
         100, "Messages a SockJS session buffers between polls before it is closed as too slow.")
     sockjs_websocket_enabled: bool = _setting(True, "Offer the SockJS websocket transport.",
                                               parse=_parse_bool)
+    sockjs_max_send_bytes: int = _setting(
+        1048576, "Largest client payload (one xhr_send body or websocket message) a SockJS session accepts.")
 
     # --- shutdown ------------------------------------------------------------------------------
     drain_timeout_s: float = _setting(5.0, "Seconds to drain sessions and pending writes on shutdown.")
@@ -149,7 +151,7 @@ class Settings:
                          "max_transactions", "max_transaction_frames", "max_pending_acks",
                          "outbound_max_bytes", "max_message_chars", "max_room_name_chars",
                          "history_max_limit", "commit_batch_max", "sockjs_streaming_limit_bytes",
-                         "sockjs_max_cached_messages", "workers", "presence_ttl_s",
+                         "sockjs_max_cached_messages", "sockjs_max_send_bytes", "workers", "presence_ttl_s",
                          "redis_pool_size")
         for name in positive_ints:
             if getattr(self, name) < 1:
