@@ -1,4 +1,12 @@
-"""Builds the node's broker from settings (memory without redis_url, Redis with it)."""
+"""Builds the node's broker from settings.
+
+Owns: the choice of broker. Without ``redis_url`` the node runs the in-memory broker (one node);
+with it, a :class:`~gateway.broker.redis.RedisBroker` named after ``node_id`` whose channel naming
+(:class:`~gateway.broker.channels.SpringChannelMapper`) follows ``redis_channel_mode``,
+``redis_channel_prefix``, ``redis_single_channel`` and ``chat_room_prefix``.
+
+Must not import Starlette, the transport layer or the chat domain.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,9 @@ from gateway.settings import Settings
 
 
 def create_broker(settings: Settings) -> Broker:
+    """MemoryBroker when ``settings.redis_url`` is None, else a RedisBroker (not yet started)."""
     if settings.redis_url is None:
         return MemoryBroker(settings.node_id)
-    from gateway.broker.redis import create_redis_broker  # provided by the Redis broker module
-    return create_redis_broker(settings)
+    from gateway.broker.redis import RedisBroker  # keeps redis-py out of single-node imports
+
+    return RedisBroker.from_settings(settings)

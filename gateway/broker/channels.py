@@ -1,0 +1,302 @@
+"""Redis channel naming, shared with the Spring chat servers of a mixed fleet.
+
+Owns: which Redis channels and glob patterns a broker destination needs (:meth:`subscriptions`),
+which channel and payload a :class:`Publication` travels as (:meth:`encode`), and turning a received
+Redis message back into a :class:`Publication` (:meth:`decode`). Also Redis glob escaping and
+matching for the patterns produced here.
+
+Naming (``P`` = ``redis_channel_prefix``, rooms are destinations ``<chat_room_prefix><roomId>``):
+
+- mode ``room`` (the seed's ``ChannelTopic.of(roomId)``): a room travels on channel ``P<roomId>``;
+- mode ``single`` (the reference master): every room travels on channel ``P<redis_single_channel>``
+  and the receiver takes the room from the ChatMessage JSON's ``roomId``;
+- room payloads are the MESSAGE body as-is (ChatMessage JSON, what Spring's
+  ``Jackson2JsonRedisSerializer`` writes and reads), so they carry no origin node id;
+- everything else (non-room destinations, and room publications a Spring server could not read:
+  another content type, extra headers, or in ``single`` mode a body whose ``roomId`` is not the
+  destination's) travels on the gateway-only channel ``P gateway:dest:<destination>`` as a JSON
+  envelope ``{"v":1,"destination","content_type","headers","body" | "body_base64","origin"}``.
+
+Room ids are non-empty, contain no ``/`` and no Ant wildcard (``*``, ``?``, ``{``) and do not
+start with the reserved ``gateway:``; other destinations under the room prefix are not rooms.
+
+Must not import redis, asyncio, Starlette, the transport layer or the chat domain.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gateway.broker.base import Publication
+from gateway.broker.patterns import is_pattern
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
+
+GENERIC_CHANNEL_MARKER = "gateway:dest:"
+"""Channel names ``<prefix>gateway:dest:<destination>`` carry gateway-only envelopes."""
+RESERVED_ROOM_PREFIX = "gateway:"
+ROOM_CONTENT_TYPE = "application/json"
+ENVELOPE_VERSION = 1
+_GLOB_SPECIAL = frozenset("*?[]\\")
+_ANT_WILDCARDS = ("*", "?", "{")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class RedisSubscription:
+    """One Redis-level subscription: a channel (SUBSCRIBE) or a glob pattern (PSUBSCRIBE)."""
+
+    is_pattern: bool
+    name: str
+
+
+class ChannelMapper(Protocol):
+    """How broker destinations and publications map onto Redis channels and payloads."""
+
+    def subscriptions(self, destination: str) -> frozenset[RedisSubscription]:
+        """The Redis subscriptions that receive every publication to ``destination``.
+
+        For an Ant pattern this may be a superset: the broker filters decoded publications against
+        the destinations it subscribed to.
+        """
+
+    def encode(self, publication: Publication) -> tuple[str, bytes]:
+        """The channel and payload ``publication`` is PUBLISHed as."""
+
+    def decode(self, channel: str, payload: bytes) -> Publication | None:
+        """The publication a message on ``channel`` carries, or None if it is not one of ours."""
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a Redis glob matching exactly itself."""
+    return "".join("\\" + ch if ch in _GLOB_SPECIAL else ch for ch in text)
+
+
+@lru_cache(maxsize=1024)
+def _glob_regex(glob: str) -> re.Pattern[str]:
+    out: list[str] = []
+    i = 0
+    n = len(glob)
+    while i < n:
+        ch = glob[i]
+        if ch == "\\" and i + 1 < n:
+            out.append(re.escape(glob[i + 1]))
+            i += 2
+            continue
+        if ch == "*":
+            out.append(".*")
+        elif ch == "?":
+            out.append(".")
+        elif ch == "[":
+            end = glob.find("]", i + 1)
+            if end < 0:
+                out.append(re.escape(ch))
+            else:
+                body = glob[i + 1:end]
+                negate = body.startswith("^")
+                if negate:
+                    body = body[1:]
+                parts = []
+                j = 0
+                while j < len(body):
+                    if body[j] == "\\" and j + 1 < len(body):
+                        parts.append(re.escape(body[j + 1]))
+                        j += 2
+                        continue
+                    if j + 2 < len(body) and body[j + 1] == "-":
+                        low, high = sorted((body[j], body[j + 2]))
+                        parts.append(f"{re.escape(low)}-{re.escape(high)}")
+                        j += 3
+                        continue
+                    parts.append(re.escape(body[j]))
+                    j += 1
+                out.append(f"[{'^' if negate else ''}{''.join(parts)}]" if parts else ("." if negate else "(?!)"))
+                i = end
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
+
+
+def glob_matches(glob: str, channel: str) -> bool:
+    """Whether the Redis glob ``glob`` matches ``channel`` (``*``, ``?``, ``[...]``, ``\\`` escapes).
+
+    Redis matches bytes; this matches characters. They agree for every pattern this module
+    produces (literal text followed by ``*``).
+    """
+    return _glob_regex(glob).match(channel) is not None
+
+
+def _literal_head(pattern: str) -> str:
+    """The literal text of an Ant pattern before its first wildcard.
+
+    Every destination the pattern matches starts with the head (a trailing ``/`` before ``**`` is
+    dropped, since ``/a/**`` also matches ``/a``).
+    """
+    cut = min((i for i in (pattern.find(w) for w in _ANT_WILDCARDS) if i >= 0), default=len(pattern))
+    head = pattern[:cut]
+    if pattern.startswith("**", cut) and head.endswith("/"):
+        head = head[:-1]
+    return head
+
+
+def _body_room_id(body: bytes) -> str | None:
+    try:
+        message = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(message, dict):
+        return None
+    room_id = message.get("roomId")
+    return room_id if isinstance(room_id, str) else None
+
+
+class SpringChannelMapper:
+    """The :class:`ChannelMapper` of a fleet shared with Spring chat servers (see module docstring)."""
+
+    def __init__(self, *, mode: str = "room", prefix: str = "", room_prefix: str = "/sub/chat/room/",
+                 single_channel: str = "chatroom", node_id: str = "") -> None:
+        if mode not in {"room", "single"}:
+            raise ValueError(f"channel mode must be 'room' or 'single', not {mode!r}")
+        if not room_prefix:
+            raise ValueError("room_prefix must not be empty")
+        if mode == "single" and not single_channel:
+            raise ValueError("single_channel must not be empty in single mode")
+        self.mode = mode
+        self.prefix = prefix
+        self.room_prefix = room_prefix
+        self.single_channel = single_channel
+        self.node_id = node_id
+        self._generic_prefix = prefix + GENERIC_CHANNEL_MARKER
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SpringChannelMapper:
+        return cls(mode=settings.redis_channel_mode, prefix=settings.redis_channel_prefix,
+                   room_prefix=settings.chat_room_prefix, single_channel=settings.redis_single_channel,
+                   node_id=settings.node_id)
+
+    # --- naming ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def valid_room_id(room_id: str) -> bool:
+        return (bool(room_id) and "/" not in room_id and not is_pattern(room_id)
+                and not room_id.startswith(RESERVED_ROOM_PREFIX))
+
+    def room_id(self, destination: str) -> str | None:
+        """The room id of a room destination, else None."""
+        if not destination.startswith(self.room_prefix):
+            return None
+        room_id = destination[len(self.room_prefix):]
+        return room_id if self.valid_room_id(room_id) else None
+
+    def room_channel(self, room_id: str) -> str:
+        """The channel a room's ChatMessages travel on (Spring's topic for it)."""
+        return self.prefix + (room_id if self.mode == "room" else self.single_channel)
+
+    def generic_channel(self, destination: str) -> str:
+        return self._generic_prefix + destination
+
+    # --- ChannelMapper -----------------------------------------------------------------------------
+
+    def subscriptions(self, destination: str) -> frozenset[RedisSubscription]:
+        if not is_pattern(destination):
+            subs = {RedisSubscription(False, self.generic_channel(destination))}
+            room_id = self.room_id(destination)
+            if room_id is not None:
+                subs.add(RedisSubscription(False, self.room_channel(room_id)))
+            return frozenset(subs)
+        head = _literal_head(destination)
+        subs = {RedisSubscription(True, glob_escape(self._generic_prefix + head) + "*")}
+        room_sub = self._room_subscription_for_head(head)
+        if room_sub is not None:
+            subs.add(room_sub)
+        return frozenset(subs)
+
+    def _room_subscription_for_head(self, head: str) -> RedisSubscription | None:
+        """What covers every room whose destination starts with ``head`` (None: no room can)."""
+        if head.startswith(self.room_prefix):
+            partial_id = head[len(self.room_prefix):]
+            if "/" in partial_id or partial_id.startswith(RESERVED_ROOM_PREFIX):
+                return None
+        elif self.room_prefix.startswith(head):
+            partial_id = ""
+        else:
+            return None
+        if self.mode == "single":
+            return RedisSubscription(False, self.prefix + self.single_channel)
+        return RedisSubscription(True, glob_escape(self.prefix + partial_id) + "*")
+
+    def encode(self, publication: Publication) -> tuple[str, bytes]:
+        room_id = self.room_id(publication.destination)
+        if (room_id is not None and publication.content_type == ROOM_CONTENT_TYPE and not publication.headers
+                and (self.mode == "room" or _body_room_id(publication.body) == room_id)):
+            return self.room_channel(room_id), publication.body
+        return self.generic_channel(publication.destination), self._envelope(publication)
+
+    def _envelope(self, publication: Publication) -> bytes:
+        envelope: dict[str, Any] = {
+            "v": ENVELOPE_VERSION,
+            "destination": publication.destination,
+            "content_type": publication.content_type,
+            "headers": [list(pair) for pair in publication.headers],
+            "origin": publication.origin or self.node_id,
+        }
+        try:
+            envelope["body"] = publication.body.decode("utf-8")
+        except UnicodeDecodeError:
+            envelope["body_base64"] = base64.b64encode(publication.body).decode("ascii")
+        return json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    def decode(self, channel: str, payload: bytes) -> Publication | None:
+        if channel.startswith(self._generic_prefix):
+            return self._open_envelope(channel[len(self._generic_prefix):], payload)
+        if self.mode == "room":
+            if not channel.startswith(self.prefix):
+                return None
+            room_id = channel[len(self.prefix):]
+        else:
+            if channel != self.prefix + self.single_channel:
+                return None
+            found = _body_room_id(payload)
+            if found is None:
+                return None
+            room_id = found
+        if not self.valid_room_id(room_id):
+            return None
+        return Publication(self.room_prefix + room_id, payload, ROOM_CONTENT_TYPE)
+
+    @staticmethod
+    def _open_envelope(destination: str, payload: bytes) -> Publication | None:
+        try:
+            envelope = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(envelope, dict) or envelope.get("v") != ENVELOPE_VERSION:
+            return None
+        if envelope.get("destination") != destination:
+            return None
+        content_type = envelope.get("content_type")
+        origin = envelope.get("origin", "")
+        raw_headers = envelope.get("headers", [])
+        if not (content_type is None or isinstance(content_type, str)) or not isinstance(origin, str):
+            return None
+        if not isinstance(raw_headers, list) or not all(
+                isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in raw_headers):
+            return None
+        headers = tuple((h[0], h[1]) for h in raw_headers)
+        if isinstance(envelope.get("body"), str):
+            body = envelope["body"].encode("utf-8")
+        elif isinstance(envelope.get("body_base64"), str):
+            try:
+                body = base64.b64decode(envelope["body_base64"], validate=True)
+            except (binascii.Error, ValueError):
+                return None
+        else:
+            return None
+        return Publication(destination, body, content_type, headers, origin)
