@@ -17,5 +17,7 @@ if TYPE_CHECKING:
 
 
 def discover() -> list[Callable[[Gateway], Sequence[BaseRoute]]]:
-    components: list[Callable[[Gateway], Sequence[BaseRoute]]] = []
+    from gateway.chat.component import chat_component
+
+    components: list[Callable[[Gateway], Sequence[BaseRoute]]] = [chat_component]
     return components

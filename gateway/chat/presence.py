@@ -1,0 +1,180 @@
+"""Room presence: how many sessions are in each room, cluster-wide.
+
+Owns: the user counts shown in ``/chat/rooms`` and in every message's ``userCount``.
+
+- :class:`MemoryPresence` — single node.
+- :class:`RedisPresence` — every node keeps its own hash ``<prefix>gateway:presence:<node>``
+  (roomId -> this node's session count) with a TTL it refreshes every ``ttl/3`` seconds, and is listed
+  in the set ``<prefix>gateway:presence:nodes``. A room's count is the sum over live nodes (one Lua
+  call). A node that dies without running its QUITs stops refreshing; its hash expires after
+  ``presence_ttl_s`` and the counts heal. Each node writes only its own hash, so there are no races
+  and counts can never go negative (Spring's counter could).
+
+Must not import Starlette or the transport layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class Presence(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def join(self, room_id: str) -> int:
+        """Count one more local session in the room; returns the room's cluster-wide count."""
+    async def leave(self, room_id: str) -> int:
+        """Count one less local session; returns the room's cluster-wide count."""
+    async def count(self, room_id: str) -> int: ...
+    async def counts(self, room_ids: Iterable[str]) -> dict[str, int]: ...
+
+
+class MemoryPresence:
+    def __init__(self) -> None:
+        self._local: Counter[str] = Counter()
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def join(self, room_id: str) -> int:
+        self._local[room_id] += 1
+        return self._local[room_id]
+
+    async def leave(self, room_id: str) -> int:
+        if self._local[room_id] > 0:
+            self._local[room_id] -= 1
+        if self._local[room_id] == 0:
+            del self._local[room_id]
+        return self._local.get(room_id, 0)
+
+    async def count(self, room_id: str) -> int:
+        return self._local.get(room_id, 0)
+
+    async def counts(self, room_ids: Iterable[str]) -> dict[str, int]:
+        return {room_id: self._local.get(room_id, 0) for room_id in room_ids}
+
+
+# KEYS[1] = nodes set; ARGV[1] = node hash prefix; ARGV[2..] = room ids. Returns counts in order and
+# drops nodes whose hash expired.
+_COUNT_SCRIPT = """
+local nodes = redis.call('SMEMBERS', KEYS[1])
+local totals = {}
+for i = 2, #ARGV do totals[i - 1] = 0 end
+for _, node in ipairs(nodes) do
+  local key = ARGV[1] .. node
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('SREM', KEYS[1], node)
+  else
+    for i = 2, #ARGV do
+      local v = redis.call('HGET', key, ARGV[i])
+      if v then totals[i - 1] = totals[i - 1] + tonumber(v) end
+    end
+  end
+end
+return totals
+"""
+
+
+class RedisPresence:
+    def __init__(self, redis_url: str, *, node_id: str, prefix: str = "", ttl_s: int = 30) -> None:
+        import redis.asyncio as aioredis
+
+        self._redis: Any = aioredis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        self.node_id = node_id
+        self.ttl_s = ttl_s
+        self._nodes_key = f"{prefix}gateway:presence:nodes"
+        self._node_prefix = f"{prefix}gateway:presence:"
+        self._node_key = self._node_prefix + node_id
+        self._local: Counter[str] = Counter()
+        self._task: asyncio.Task[None] | None = None
+        self._count_script: Any = None
+
+    async def start(self) -> None:
+        self._count_script = self._redis.register_script(_COUNT_SCRIPT)
+        await self._publish_local()
+        self._task = asyncio.create_task(self._refresh(), name="presence-refresh")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._node_key)
+                pipe.srem(self._nodes_key, self.node_id)
+                await pipe.execute()
+        with contextlib.suppress(Exception):
+            await self._redis.aclose()
+
+    async def _publish_local(self) -> None:
+        """Write this node's whole hash (after start or a Redis restart lost it) and refresh its TTL."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._node_key)
+            if self._local:
+                pipe.hset(self._node_key, mapping={k: v for k, v in self._local.items() if v > 0})
+            pipe.hset(self._node_key, "__alive__", 0)
+            pipe.expire(self._node_key, self.ttl_s)
+            pipe.sadd(self._nodes_key, self.node_id)
+            await pipe.execute()
+
+    async def _refresh(self) -> None:
+        interval = max(self.ttl_s / 3, 0.2)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._publish_local()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("presence refresh failed: %s", exc)
+
+    async def _change(self, room_id: str, delta: int) -> int:
+        if delta < 0 and self._local[room_id] <= 0:
+            return await self.count(room_id)
+        self._local[room_id] += delta
+        if self._local[room_id] <= 0:
+            del self._local[room_id]
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                if room_id in self._local:
+                    pipe.hset(self._node_key, room_id, self._local[room_id])
+                else:
+                    pipe.hdel(self._node_key, room_id)
+                pipe.expire(self._node_key, self.ttl_s)
+                pipe.sadd(self._nodes_key, self.node_id)
+                await pipe.execute()
+            return await self.count(room_id)
+        except Exception as exc:
+            log.warning("presence update failed (will be rewritten on refresh): %s", exc)
+            return self._local.get(room_id, 0)
+
+    async def join(self, room_id: str) -> int:
+        return await self._change(room_id, +1)
+
+    async def leave(self, room_id: str) -> int:
+        return await self._change(room_id, -1)
+
+    async def count(self, room_id: str) -> int:
+        return (await self.counts([room_id]))[room_id]
+
+    async def counts(self, room_ids: Iterable[str]) -> dict[str, int]:
+        rooms = list(room_ids)
+        if not rooms:
+            return {}
+        try:
+            totals = await self._count_script(keys=[self._nodes_key], args=[self._node_prefix, *rooms])
+        except Exception as exc:
+            log.warning("presence count failed, using local counts: %s", exc)
+            return {room: self._local.get(room, 0) for room in rooms}
+        return {room: int(total) for room, total in zip(rooms, totals, strict=True)}

@@ -1,0 +1,204 @@
+"""Per-node room sequencer: each room's messages reach local subscribers once, in ``seq`` order.
+
+Owns: the interceptor between the broker and local fan-out for room destinations. Redis Pub/Sub is
+at-most-once and messages from different nodes interleave arbitrarily, so for every room with local
+subscribers the node remembers the last ``seq`` it delivered and:
+
+- drops a publication whose ``seq`` it already delivered (a re-publish, or a repair overlap);
+- delivers the next ``seq`` at once;
+- on a gap (``seq`` > last + 1), holds what arrived and fetches the missing messages from the
+  database (they were committed before anything later was published), then delivers in order;
+- on a broker gap signal (reconnect), fetches everything after the last delivered ``seq``.
+
+The baseline is read from the database after the node's broker subscription is confirmed, so every
+message committed later arrives through the bus or through repair. Publications without ``seq``
+(Spring nodes in a mixed fleet) pass straight through. The interceptor itself never blocks:
+database work runs in a task per room.
+
+Must not import Starlette or the transport layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+from gateway.broker.base import Publication
+from gateway.chat.models import StoredMessage
+from gateway.chat.payload import peek_seq
+
+log = logging.getLogger(__name__)
+
+HistoryFetch = Callable[[str, int, int], Awaitable[list[StoredMessage]]]
+LastSeqFetch = Callable[[str], Awaitable[int | None]]
+Encode = Callable[[StoredMessage], Awaitable[Publication]]
+Deliver = Callable[[Publication], object]
+
+REPAIR_BATCH = 200
+MAX_HELD = 10000
+
+
+@dataclass
+class _Room:
+    last: int | None = None
+    ready: bool = False
+    held: dict[int, Publication] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+    repair_requested: bool = False
+
+
+class RoomSequencer:
+    def __init__(self, room_prefix: str, *, history: HistoryFetch, last_seq: LastSeqFetch, encode: Encode,
+                 deliver: Deliver) -> None:
+        self.room_prefix = room_prefix
+        self._history = history
+        self._last_seq = last_seq
+        self._encode = encode
+        self._deliver = deliver
+        self._rooms: dict[str, _Room] = {}
+        self.duplicates_dropped = 0
+        self.repaired = 0
+
+    def room_of(self, destination: str) -> str | None:
+        if destination.startswith(self.room_prefix):
+            room_id = destination[len(self.room_prefix):]
+            if room_id and "/" not in room_id:
+                return room_id
+        return None
+
+    # --- tracking ------------------------------------------------------------------------------
+
+    async def track(self, room_id: str) -> None:
+        """Called after the node's broker subscription to the room is confirmed."""
+        if room_id in self._rooms:
+            return
+        state = _Room()
+        self._rooms[room_id] = state
+        try:
+            state.last = await self._last_seq(room_id) or 0
+        except Exception:
+            log.exception("room %s: cannot read last seq; delivering without ordering until repaired", room_id)
+            state.last = None
+        state.ready = True
+        self._process(room_id, state)
+
+    def forget(self, room_id: str) -> None:
+        state = self._rooms.pop(room_id, None)
+        if state is not None and state.task is not None:
+            state.task.cancel()
+
+    def tracked(self) -> frozenset[str]:
+        return frozenset(self._rooms)
+
+    # --- interceptor ----------------------------------------------------------------------------
+
+    def intercept(self, publication: Publication) -> Iterable[Publication]:
+        room_id = self.room_of(publication.destination)
+        if room_id is None:
+            return (publication,)
+        state = self._rooms.get(room_id)
+        if state is None:
+            return (publication,)
+        _, seq = peek_seq(publication.body)
+        if seq is None:
+            return (publication,)
+        if not state.ready or state.task is not None:
+            self._hold(room_id, state, seq, publication)
+            return ()
+        if state.last is None:
+            state.last = seq
+            return (publication,)
+        if seq <= state.last:
+            self.duplicates_dropped += 1
+            return ()
+        if seq == state.last + 1:
+            state.last = seq
+            return (publication,)
+        self._hold(room_id, state, seq, publication)
+        self._start_repair(room_id, state)
+        return ()
+
+    def on_gap(self, destinations: frozenset[str]) -> None:
+        """Broker reconnected: every tracked room may have missed messages."""
+        for room_id, state in self._rooms.items():
+            if state.ready:
+                state.repair_requested = True
+                self._start_repair(room_id, state)
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _hold(self, room_id: str, state: _Room, seq: int, publication: Publication) -> None:
+        if state.last is not None and seq <= state.last:
+            self.duplicates_dropped += 1
+            return
+        state.held[seq] = publication
+        if len(state.held) > MAX_HELD:
+            log.error("room %s: %d messages held waiting for repair; delivering them with a gap",
+                      room_id, len(state.held))
+            self._flush_held(state, force=True)
+
+    def _process(self, room_id: str, state: _Room) -> None:
+        """Deliver held messages that are now in order; start a repair if a gap remains."""
+        self._flush_held(state)
+        if state.held or state.repair_requested:
+            self._start_repair(room_id, state)
+
+    def _flush_held(self, state: _Room, *, force: bool = False) -> None:
+        for seq in sorted(state.held):
+            if state.last is not None and seq <= state.last:
+                del state.held[seq]
+                self.duplicates_dropped += 1
+                continue
+            if force or state.last is None or seq == state.last + 1:
+                self._deliver(state.held.pop(seq))
+                state.last = seq
+            else:
+                break
+
+    def _start_repair(self, room_id: str, state: _Room) -> None:
+        if state.task is None:
+            state.task = asyncio.create_task(self._repair(room_id, state), name=f"repair-{room_id}")
+
+    async def _repair(self, room_id: str, state: _Room) -> None:
+        delay = 0.1
+        try:
+            while True:
+                state.repair_requested = False
+                try:
+                    await self._repair_once(room_id, state)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("room %s: repair failed (%s); retrying in %.1fs", room_id, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                self._flush_held(state)
+                if not state.repair_requested and not state.held:
+                    break
+                if state.held and not state.repair_requested:
+                    # The DB did not have what we wait for (yet): deliver in order past the hole.
+                    log.warning("room %s: seq %s missing from the database; skipping", room_id,
+                                (state.last or 0) + 1)
+                    self._flush_held(state, force=True)
+                    break
+        finally:
+            state.task = None
+
+    async def _repair_once(self, room_id: str, state: _Room) -> None:
+        while True:
+            after = state.last or 0
+            missing = await self._history(room_id, after, REPAIR_BATCH)
+            for stored in missing:
+                if state.last is not None and stored.seq <= state.last:
+                    continue
+                held = state.held.pop(stored.seq, None)
+                publication = held if held is not None else await self._encode(stored)
+                if held is None:
+                    self.repaired += 1
+                self._deliver(publication)
+                state.last = stored.seq
+            if len(missing) < REPAIR_BATCH:
+                return
