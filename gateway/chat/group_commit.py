@@ -1,0 +1,205 @@
+"""Group commit: many concurrent ``save`` calls share one database transaction (one fsync).
+
+Owns :class:`GroupCommitWriter`. One worker task takes whatever messages are waiting (up to
+``batch_max``, the ``commit_batch_max`` setting) and stores them with
+:meth:`ChatRepository.save_batch` in a single transaction. There is no artificial delay: while one
+commit is in flight the next callers queue up, so the batch size grows with the load by itself.
+
+Guarantees:
+
+* a caller's future resolves only after the transaction holding its message has committed, with its
+  own :class:`SaveResult` (or its own :class:`StorageError`, e.g. unknown room: a refused message
+  never fails the others in its batch);
+* if the batch's transaction fails as a whole (a database error), each message of it is retried alone
+  in its own transaction, so a message that breaks the database fails only its own caller;
+* a caller cancelled before its batch starts is not stored; one cancelled later may be stored;
+* :meth:`GroupCommitWriter.stop` refuses new saves and drains every queued message before returning
+  (or, past its timeout, fails what is left with :class:`WriterClosedError`).
+
+The queue needs no size limit of its own: every caller awaits its result, so the number pending is
+bounded by the number of concurrent senders.
+
+It must not import the chat service, the broker, STOMP or transport code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from gateway.chat.models import NewMessage, SaveResult
+from gateway.chat.repository import ChatRepository, StorageError
+
+log = logging.getLogger(__name__)
+
+
+class WriterClosedError(RuntimeError):
+    """The writer is not running (not started, stopping or stopped); the message was not stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStats:
+    """Counters since start: ``batches`` group commits, ``transactions`` write transactions in all
+    (a batch retried message by message counts one per retry), ``messages`` outcomes delivered,
+    ``largest_batch`` messages in the biggest batch, ``isolated_batches`` batches that fell back to
+    one transaction per message."""
+
+    batches: int = 0
+    transactions: int = 0
+    messages: int = 0
+    largest_batch: int = 0
+    isolated_batches: int = 0
+
+
+@dataclass(slots=True)
+class _Pending:
+    message: NewMessage
+    future: asyncio.Future[SaveResult]
+
+
+_STOP = object()
+
+
+class GroupCommitWriter:
+    """Batches concurrent :meth:`save` calls into group commits on ``repository``."""
+
+    def __init__(self, repository: ChatRepository, *, batch_max: int) -> None:
+        if batch_max < 1:
+            raise ValueError("batch_max must be at least 1")
+        self._repository = repository
+        self._batch_max = batch_max
+        self._queue: asyncio.Queue[_Pending | object] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._accepting = False
+        self._batches = 0
+        self._transactions = 0
+        self._messages = 0
+        self._largest = 0
+        self._isolated = 0
+
+    @property
+    def running(self) -> bool:
+        return self._accepting
+
+    @property
+    def stats(self) -> WriterStats:
+        return WriterStats(batches=self._batches, transactions=self._transactions, messages=self._messages,
+                           largest_batch=self._largest, isolated_batches=self._isolated)
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("GroupCommitWriter already started")
+        self._accepting = True
+        self._task = asyncio.create_task(self._run(), name="group-commit-writer")
+
+    async def save(self, message: NewMessage) -> SaveResult:
+        """Store ``message`` in the next group commit; returns after that commit.
+
+        Raises :class:`StorageError` if the message is refused, :class:`WriterClosedError` if the
+        writer is not running, or the database error if its transaction failed.
+        """
+        if not self._accepting:
+            raise WriterClosedError("the message writer is not running")
+        future: asyncio.Future[SaveResult] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(message, future))
+        return await future
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Refuse new saves, commit everything queued, then end the worker.
+
+        With ``timeout`` (seconds), give up waiting after it: the worker is cancelled and the callers
+        still waiting get :class:`WriterClosedError`.
+        """
+        task = self._task
+        if task is None or task.done():
+            self._accepting = False
+            return
+        if self._accepting:
+            self._accepting = False
+            self._queue.put_nowait(_STOP)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        batch: list[_Pending] = []
+        try:
+            stopping = False
+            while not stopping:
+                item = await self._queue.get()
+                if item is _STOP:
+                    break
+                assert isinstance(item, _Pending)
+                batch = [item]
+                while len(batch) < self._batch_max:
+                    try:
+                        item = self._queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    assert isinstance(item, _Pending)
+                    batch.append(item)
+                await self._commit(batch)
+                batch = []
+        finally:
+            self._fail_leftovers(batch)
+
+    def _fail_leftovers(self, batch: list[_Pending]) -> None:
+        leftovers = list(batch)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if isinstance(item, _Pending):
+                leftovers.append(item)
+        for pending in leftovers:
+            if not pending.future.done():
+                pending.future.set_exception(WriterClosedError("the message writer stopped before commit"))
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        live = [pending for pending in batch if not pending.future.done()]
+        if not live:
+            return
+        self._batches += 1
+        self._largest = max(self._largest, len(live))
+        self._transactions += 1
+        try:
+            outcomes = await self._repository.save_batch([pending.message for pending in live])
+        except Exception as exc:
+            if len(live) == 1:
+                self._deliver(live[0], exc)
+                return
+            log.warning("group commit of %d messages failed (%s); retrying them one by one",
+                        len(live), type(exc).__name__)
+            self._isolated += 1
+            for pending in live:
+                await self._commit_alone(pending)
+            return
+        for pending, outcome in zip(live, outcomes, strict=True):
+            self._deliver(pending, outcome)
+
+    async def _commit_alone(self, pending: _Pending) -> None:
+        if pending.future.done():
+            return
+        self._transactions += 1
+        try:
+            (outcome,) = await self._repository.save_batch([pending.message])
+        except Exception as exc:
+            self._deliver(pending, exc)
+            return
+        self._deliver(pending, outcome)
+
+    def _deliver(self, pending: _Pending, outcome: SaveResult | StorageError | BaseException) -> None:
+        self._messages += 1
+        if pending.future.done():
+            return
+        if isinstance(outcome, SaveResult):
+            pending.future.set_result(outcome)
+        else:
+            pending.future.set_exception(outcome)
