@@ -36,8 +36,18 @@ def _parser() -> argparse.ArgumentParser:
     downgrade = sub.add_parser("downgrade", help="downgrade the database schema")
     downgrade.add_argument("--database-url", dest="database_url", default=None)
     downgrade.add_argument("revision", nargs="?", default="base")
-    sub.add_parser("settings", help="list every setting with its environment variable and default")
+    listing = sub.add_parser("settings", help="list every setting with its environment variable and default")
+    listing.add_argument("--markdown", action="store_true", help="print the table of docs/configuration.md")
     return parser
+
+
+def settings_table() -> str:
+    """The markdown table of every setting (kept in docs/configuration.md; a test checks it)."""
+    rows = ["| setting | flag | environment | default | meaning |", "|---|---|---|---|---|"]
+    for name, env, default, help_text in describe_settings():
+        flag = "--" + name.replace("_", "-")
+        rows.append(f"| `{name}` | `{flag}` | `{env}` | `{default}` | {help_text.replace('|', '/')} |")
+    return "\n".join(rows)
 
 
 def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, str | None]:
@@ -48,8 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "settings":
-            for name, env, default, help_text in describe_settings():
-                print(f"{name:32} {env:40} {default:24} {help_text}")
+            print(settings_table() if args.markdown else "\n".join(
+                f"{name:32} {env:40} {default:24} {help_text}"
+                for name, env, default, help_text in describe_settings()))
             return 0
         if args.command in ("migrate", "downgrade"):
             settings = load_settings(overrides=_overrides(args, ["database_url"]))

@@ -25,6 +25,15 @@ class InvalidChatMessage(ValueError):
     """A client's ChatMessage is malformed; ``str(exc)`` is the ERROR frame's message."""
 
 
+def room_id_of(room_prefix: str, destination: str) -> str | None:
+    """The room id of an exact room destination (``<prefix><roomId>``); None for anything else."""
+    if destination.startswith(room_prefix):
+        room_id = destination[len(room_prefix):]
+        if room_id and not any(ch in room_id for ch in "/*?{"):
+            return room_id
+    return None
+
+
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from gateway.broker.base import Publication
 from gateway.chat.models import StoredMessage
-from gateway.chat.payload import peek_seq
+from gateway.chat.payload import peek_seq, room_id_of
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,7 @@ class RoomSequencer:
         self.repaired = 0
 
     def room_of(self, destination: str) -> str | None:
-        if destination.startswith(self.room_prefix):
-            room_id = destination[len(self.room_prefix):]
-            if room_id and "/" not in room_id:
-                return room_id
-        return None
+        return room_id_of(self.room_prefix, destination)
 
     # --- tracking ------------------------------------------------------------------------------
 

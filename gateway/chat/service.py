@@ -32,6 +32,7 @@ from gateway.chat.payload import (
     InvalidChatMessage,
     decode_inbound,
     encode_message,
+    room_id_of,
 )
 from gateway.chat.presence import Presence
 from gateway.chat.repository import ChatRepository, StorageError, UnknownRoomError
@@ -87,11 +88,7 @@ class ChatService:
         return self.room_prefix + room_id
 
     def room_of(self, destination: str) -> str | None:
-        if destination.startswith(self.room_prefix):
-            room_id = destination[len(self.room_prefix):]
-            if room_id and "/" not in room_id and "*" not in room_id and "{" not in room_id:
-                return room_id
-        return None
+        return room_id_of(self.room_prefix, destination)
 
     async def room_exists(self, room_id: str) -> bool:
         if room_id in self._known_rooms:
