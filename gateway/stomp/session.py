@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import enum
 import itertools
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.stomp.codec import FrameParser, MessageTemplate, serialize
 from gateway.stomp.frames import Frame, ProtocolError
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_VERSIONS = ("1.2", "1.1", "1.0")
 ACK_MODES = frozenset({"auto", "client", "client-individual"})
@@ -292,6 +295,10 @@ class StompSession:
                 user = self._authenticate(frame)
             except AuthenticationFailed as exc:
                 raise ProtocolError(str(exc) or "Authentication failed") from None
+            except Exception:
+                # A bug in an authenticator: log it here, never put its details on the wire.
+                log.exception("session %s: authenticator failed", self.session_id)
+                raise ProtocolError("Authentication failed") from None
         self.version = version
         self.user = user
         self.state = State.CONNECTED
