@@ -74,9 +74,14 @@ def create_sockjs_routes(settings: Settings, connection_factory: ConnectionFacto
     return routes
 
 
-async def greeting(scope: StarletteScope, receive: Receive, send: Send) -> None:
-    """``Welcome to SockJS!`` (an ASGI app; usable as a Starlette Route endpoint)."""
-    await respond(send, 200, [], GREETING, TEXT_PLAIN)
+class _Greeting:
+    """``Welcome to SockJS!`` as an ASGI app (an object, so ``Route(path, greeting)`` treats it as one)."""
+
+    async def __call__(self, scope: StarletteScope, receive: Receive, send: Send) -> None:
+        await respond(send, 200, [], GREETING, TEXT_PLAIN)
+
+
+greeting = _Greeting()
 
 
 def _route_path(scope: Scope) -> str:

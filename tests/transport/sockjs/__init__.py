@@ -1,0 +1,1 @@
+"""Tests of the SockJS transport (gateway.transport.sockjs)."""
