@@ -137,6 +137,7 @@ class Hub:
         self.user_sessions: dict[str, int] = {}
         self.interceptors: list[Interceptor] = []
         self.on_connect: list[SessionHook] = []
+        self.authorize_subscribe: list[SubscriptionHook] = []
         self.on_subscribe: list[SubscriptionHook] = []
         self.on_unsubscribe: list[SubscriptionHook] = []
         self.on_disconnect: list[SessionHook] = []
@@ -200,10 +201,13 @@ class Hub:
     # --- subscriptions ------------------------------------------------------------------------
 
     async def subscribe(self, subscriber: Subscriber, subscription_id: str, destination: str) -> None:
-        """Register a subscription (broker-subscribing the node on the first), then run hooks.
+        """Authorize, then register a subscription (broker-subscribing the node on the first).
 
-        Raises :class:`SubscriptionDenied` from a hook; the subscription is then removed again.
+        Raises :class:`SubscriptionDenied` from an ``authorize_subscribe`` hook before anything is
+        registered. The caller answers the receipt, then calls :meth:`subscribed` for the hooks.
         """
+        for check in self.authorize_subscribe:
+            await check(subscriber.info, subscription_id, destination)
         async with self._broker_lock:
             if self.registry.add(destination, subscriber, subscription_id):
                 try:
@@ -212,12 +216,11 @@ class Hub:
                     self.registry.remove(destination, subscriber, subscription_id)
                     raise
         self._subscriptions.setdefault(subscriber.info.session_id, {})[subscription_id] = destination
-        try:
-            for hook in self.on_subscribe:
-                await hook(subscriber.info, subscription_id, destination)
-        except SubscriptionDenied:
-            await self.unsubscribe(subscriber, subscription_id, destination, run_hooks=False)
-            raise
+
+    async def subscribed(self, subscriber: Subscriber, subscription_id: str, destination: str) -> None:
+        """Run the ``on_subscribe`` hooks (presence ENTER, ...) once the subscription is in place."""
+        for hook in self.on_subscribe:
+            await hook(subscriber.info, subscription_id, destination)
 
     async def unsubscribe(self, subscriber: Subscriber, subscription_id: str, destination: str,
                           *, run_hooks: bool = True) -> None:

@@ -168,6 +168,8 @@ class StompConnection:
                 await self.hub.subscribe(self, event.subscription_id, event.destination)
                 if event.receipt is not None:
                     self.session.send_receipt(event.receipt)
+                    self._drain_session()
+                await self.hub.subscribed(self, event.subscription_id, event.destination)
             elif isinstance(event, Unsubscribed):
                 await self.hub.unsubscribe(self, event.subscription_id, event.destination)
                 if event.receipt is not None:
