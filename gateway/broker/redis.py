@@ -362,6 +362,7 @@ class RedisBroker:
             return
         link.ready = True
         self._healthy = True
+        self._notify()
         if self._gap_pending:
             self._gap_pending = False
             destinations = self.destinations()
