@@ -358,6 +358,8 @@ def test_complete_header_block_bigger_than_the_frame_limit() -> None:
     limits = {"max_frame_bytes": 64, "max_headers": 100, "max_header_line_bytes": 16}
     block = b"SEND\n" + b"key:value-00\n" * 5  # 5 + 5 * 13 = 70 bytes of headers
     reject_every_way(block + b"\n\x00", FrameTooLarge, **limits)
+    # the size is checked before the block is decoded: a bad escape in it is never looked at
+    reject_every_way(block + b"k:\\t\n\n\x00", FrameTooLarge, **limits)
 
 
 def test_content_length_over_the_limit_is_rejected_at_header_time() -> None:
