@@ -384,7 +384,9 @@ class RedisBroker:
             for count in itertools.count(1):
                 reply = await conn.read_response()
                 link.last_rx = loop.time()
-                link.ping_sent_at = None
+                if link.ping_sent_at is not None:
+                    link.ping_sent_at = None
+                    link.wake.set()  # the control loop re-arms its idle timer
                 self._handle(link, reply)
                 if count % YIELD_EVERY == 0:
                     await asyncio.sleep(0)  # a burst already buffered never suspends the read
