@@ -17,7 +17,7 @@ from logging.config import fileConfig
 import sqlalchemy as sa
 from alembic import context
 
-from gateway.chat.migrations import MIGRATION_LOCK_KEY, URL_ATTRIBUTE
+from gateway.chat.migrations import MIGRATION_BUSY_TIMEOUT_S, MIGRATION_LOCK_KEY, URL_ATTRIBUTE
 from gateway.chat.models import metadata
 from gateway.chat.repository import SQLITE_BEGIN_OPTION, is_sqlite_url, make_engine
 from gateway.settings import Settings
@@ -63,7 +63,7 @@ def _migrate_locked(connection: sa.Connection) -> None:
 
 
 async def run_migrations_online() -> None:
-    engine = make_engine(_database_url(), sqlite_foreign_keys=False)
+    engine = make_engine(_database_url(), busy_timeout_s=MIGRATION_BUSY_TIMEOUT_S, sqlite_foreign_keys=False)
     try:
         async with engine.connect() as connection:
             await connection.execution_options(**{SQLITE_BEGIN_OPTION: "EXCLUSIVE"})

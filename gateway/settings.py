@@ -74,6 +74,7 @@ class Settings:
     # --- storage and cluster -------------------------------------------------------------------
     database_url: str = _setting("sqlite+aiosqlite:///./chat-gateway.db",
                                  "SQLAlchemy async URL (sqlite+aiosqlite:// or postgresql+asyncpg://).")
+    db_busy_timeout_s: float = _setting(30.0, "Seconds a SQLite write waits for another process's lock.")
     redis_url: str | None = _setting(None, "Redis URL; empty = in-memory broker (single node).",
                                      parse=_parse_optional_str)
     redis_channel_mode: str = _setting(
@@ -162,7 +163,7 @@ class Settings:
                 raise SettingsError(f"{name} must not be negative (got {getattr(self, name)})")
         positive_floats = ("connect_timeout_s", "outbound_send_timeout_s", "sockjs_heartbeat_s",
                            "sockjs_disconnect_delay_s", "drain_timeout_s", "redis_reconnect_max_s",
-                           "redis_timeout_s", "redis_health_check_s")
+                           "redis_timeout_s", "redis_health_check_s", "db_busy_timeout_s")
         for name in positive_floats:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive (got {getattr(self, name)})")

@@ -35,6 +35,9 @@ ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
 #: The PostgreSQL advisory lock key every node's migration run takes (a fixed 31-bit number).
 MIGRATION_LOCK_KEY = zlib.crc32(b"chat-gateway:alembic-migrations") & 0x7FFFFFFF
 
+#: Seconds a SQLite migration waits for another node's migration (or writer) to let go of the file.
+MIGRATION_BUSY_TIMEOUT_S = 600.0
+
 #: ``Config.attributes`` key through which the database URL reaches ``alembic/env.py``.
 URL_ATTRIBUTE = "gateway_database_url"
 

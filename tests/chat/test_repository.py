@@ -28,6 +28,7 @@ from gateway.chat.repository import (
     UnknownRoomError,
     make_engine,
 )
+from gateway.settings import SettingsError, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -340,6 +341,12 @@ async def test_sqlite_engine_uses_wal_busy_timeout_and_foreign_keys(tmp_path: Pa
             assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
     finally:
         await engine.dispose()
+
+
+def test_busy_timeout_setting_must_be_positive() -> None:
+    assert load_settings(environ={"GATEWAY_DB_BUSY_TIMEOUT_S": "2.5"}).db_busy_timeout_s == 2.5
+    with pytest.raises(SettingsError, match="db_busy_timeout_s"):
+        load_settings(environ={"GATEWAY_DB_BUSY_TIMEOUT_S": "0"})
 
 
 def test_make_engine_refuses_other_drivers() -> None:
