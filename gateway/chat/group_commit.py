@@ -13,6 +13,8 @@ Guarantees:
 * if the batch's transaction fails as a whole (a database error), each message of it is retried alone
   in its own transaction, so a message that breaks the database fails only its own caller;
 * a caller cancelled before its batch starts is not stored; one cancelled later may be stored;
+* if a failure hits the COMMIT itself (connection lost mid-commit) the outcome is unknown and the
+  one-by-one retry may store a message twice; only a ``client_msg_id`` makes that retry idempotent;
 * :meth:`GroupCommitWriter.stop` refuses new saves and drains every queued message before returning
   (or, past its timeout, fails what is left with :class:`WriterClosedError`).
 
