@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import pytest
+import pytest_asyncio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Mount, Route
@@ -159,7 +159,7 @@ class Live:
 
 
 @contextlib.asynccontextmanager
-async def run_server(app: Starlette) -> AsyncIterator[str]:
+async def run_server(app: Any) -> AsyncIterator[str]:
     config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning",
                             timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
@@ -179,16 +179,40 @@ async def run_server(app: Starlette) -> AsyncIterator[str]:
         await asyncio.wait_for(task, 10)
 
 
-@pytest.fixture
-async def start_live() -> AsyncIterator[Callable[..., Awaitable[Live]]]:
-    """``await start_live(**settings)``: a live server; every service is drained at teardown."""
-    stack = contextlib.AsyncExitStack()
+class SwitchApp:
+    """An ASGI app forwarding to whichever app the current test installed (one server per module)."""
+
+    def __init__(self) -> None:
+        self.current: Starlette | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return
+        assert self.current is not None, "no app installed"
+        await self.current(scope, receive, send)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server() -> AsyncIterator[tuple[str, SwitchApp]]:
+    switch = SwitchApp()
+    async with run_server(switch) as url:  # type: ignore[arg-type]
+        yield url, switch
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def start_live(server: tuple[str, SwitchApp]) -> AsyncIterator[Callable[..., Awaitable[Live]]]:
+    """``await start_live(**settings)``: fresh services on the module's live server; drained at teardown.
+
+    Tests using it run in the module's event loop: ``pytestmark = pytest.mark.asyncio(loop_scope="module")``.
+    """
+    url, switch = server
     lives: list[Live] = []
 
     async def start(**overrides: Any) -> Live:
+        assert not lives, "one live app per test"
         services = build_services(**overrides)
-        url = await stack.enter_async_context(run_server(services.app))
-        client = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=10))
+        switch.current = services.app
+        client = httpx.AsyncClient(base_url=url, timeout=10, trust_env=False)
         live = Live(url, services, client)
         lives.append(live)
         return live
@@ -199,10 +223,11 @@ async def start_live() -> AsyncIterator[Callable[..., Awaitable[Live]]]:
         for live in lives:
             for service in (live.echo, live.close, live.wsoff):
                 await service.registry.close_all(flush_timeout_s=0.5)
-        await stack.aclose()
+            await live.client.aclose()
+        switch.current = None
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module")
 async def live(start_live: Callable[..., Awaitable[Live]]) -> Live:
     return await start_live()
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import pytest
+
 from tests.transport.sockjs.conftest import Live, background_request, eventually
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 NOT_CACHED = "no-store, no-cache, must-revalidate, max-age=0"
 
