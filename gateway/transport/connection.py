@@ -96,6 +96,8 @@ class StompConnection:
         self._connected = False
         self._connected_event = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._aborted = False
 
     # --- Connection protocol ----------------------------------------------------------------
 
@@ -105,7 +107,8 @@ class StompConnection:
 
     async def start(self) -> None:
         self.hub.register(self)
-        self._tasks.append(asyncio.create_task(self._writer(), name=f"stomp-writer-{self.info.session_id}"))
+        self._writer_task = asyncio.create_task(self._writer(), name=f"stomp-writer-{self.info.session_id}")
+        self._tasks.append(self._writer_task)
         self._tasks.append(asyncio.create_task(self._timers(), name=f"stomp-timers-{self.info.session_id}"))
 
     async def receive(self, data: bytes) -> None:
@@ -219,13 +222,18 @@ class StompConnection:
     # --- outbound ------------------------------------------------------------------------------
 
     def _drain_session(self) -> None:
+        # The session's own frames (CONNECTED, RECEIPT, ERROR) count against the queue limit too: a
+        # client that keeps asking for receipts without reading them is a slow consumer like any other.
         for data in self.session.data_to_send():
-            self._enqueue(data, force=True)
+            self._enqueue(data)
 
     def _enqueue(self, data: bytes, *, force: bool = False) -> None:
         if self._closing:
             return
-        if not force and self._queued_bytes + len(data) > self.settings.outbound_max_bytes:
+        # Like Spring's ConcurrentWebSocketSessionDecorator, one frame is always accepted into an
+        # empty queue (a 1 MB MESSAGE to a fast client is not a slow consumer); the limit bounds backlog.
+        if (not force and self._queued_bytes
+                and self._queued_bytes + len(data) > self.settings.outbound_max_bytes):
             log.info("session %s: outbound queue over %d bytes, closing slow consumer",
                      self.info.session_id, self.settings.outbound_max_bytes)
             self._abort_slow()
@@ -235,10 +243,15 @@ class StompConnection:
         self._wakeup.set()
 
     def _abort_slow(self) -> None:
-        # Drop what is queued: a slow consumer must not hold memory or delay its close.
+        # Drop what is queued: a slow consumer must not hold memory or delay its close. A send that
+        # is blocked right now is abandoned too (the writer is cancelled), so the session ends at
+        # once instead of after outbound_send_timeout_s.
         self._queue.clear()
         self._queued_bytes = 0
         self._begin_close(CLOSE_SLOW_CONSUMER, "Send limit exceeded")
+        self._aborted = True
+        if self._writer_task is not None and self._writer_task is not asyncio.current_task():
+            self._writer_task.cancel()
 
     def _begin_close(self, code: int, reason: str) -> None:
         if self._closing:
@@ -250,6 +263,7 @@ class StompConnection:
 
     async def _writer(self) -> None:
         timeout = self.settings.outbound_send_timeout_s
+        close: _Close | None = None
         try:
             while True:
                 while not self._queue:
@@ -257,24 +271,36 @@ class StompConnection:
                     await self._wakeup.wait()
                 item = self._queue.popleft()
                 if isinstance(item, _Close):
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(self.sink.close(item.code, item.reason), timeout)
+                    close = item
                     break
                 self._queued_bytes -= len(item)
                 try:
                     await asyncio.wait_for(self.sink.send(item), timeout)
                 except TimeoutError:
                     log.info("session %s: send blocked over %.1fs, closing", self.info.session_id, timeout)
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(self.sink.close(CLOSE_SLOW_CONSUMER, "Send time limit exceeded"),
-                                               timeout)
+                    close = _Close(CLOSE_SLOW_CONSUMER, "Send time limit exceeded")
+                    self._closing = True
+                    self._queue.clear()
+                    self._queued_bytes = 0
                     break
                 except Exception:
                     break  # the transport is gone
                 self.session.note_sent(self.clock())
         except asyncio.CancelledError:
-            return
+            if not self._aborted:
+                return  # connection_lost cancelled us
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            close = _Close(CLOSE_SLOW_CONSUMER, "Send limit exceeded")
+        # Release the session (hub, subscriptions, hooks) before the close handshake: the close may
+        # wait for a peer that does not read, and nothing else must wait with it.
         await self.connection_lost()
+        if close is not None:
+            # Not bounded by a timeout: a stalled peer gets the close frame if it ever reads again,
+            # and the transport (uvicorn) owns the socket's lifetime; this task holds no queue.
+            with contextlib.suppress(Exception):
+                await self.sink.close(close.code, close.reason)
 
     async def _timers(self) -> None:
         try:
@@ -294,8 +320,11 @@ class StompConnection:
                     log.info("session %s: no heart-beat from client, closing", self.info.session_id)
                     self._begin_close(CLOSE_PROTOCOL_ERROR, "Heart-beat timeout")
                     return
-                if self.session.heartbeat_due(now) and not self._queue:
-                    self._enqueue(b"\n", force=True)
+                if self.session.heartbeat_due(now):
+                    if not self._queue:
+                        self._enqueue(b"\n", force=True)
+                    # A non-empty queue is about to send anyway; restart the interval either way
+                    # (otherwise this loop would spin while a send is blocked).
                     self.session.note_sent(now)
                 wait = self.session.next_timer(self.clock())
                 if wait is None:
