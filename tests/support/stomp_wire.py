@@ -12,9 +12,11 @@ Must not import the gateway's transport, hub or chat modules.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -63,14 +65,25 @@ class WsStompClient:
     @classmethod
     async def open(cls, url: str, *, subprotocols: Sequence[str] | None = ("v12.stomp", "v11.stomp",
                                                                            "v10.stomp"),
-                   origin: str | None = None, max_size: int | None = 1 << 24) -> WsStompClient:
-        kwargs: dict[str, object] = {"max_size": max_size, "open_timeout": 10, "close_timeout": 5,
-                                     "ping_interval": None}
+                   origin: str | None = None, max_size: int | None = 1 << 24, max_queue: int | None = 16,
+                   receive_buffer: int | None = None) -> WsStompClient:
+        """Connect (no proxy, no compression). ``receive_buffer`` sets the socket's SO_RCVBUF, so a
+        client that stops reading fills the server's buffers quickly."""
+        kwargs: dict[str, Any] = {"max_size": max_size, "max_queue": max_queue, "open_timeout": 10,
+                                  "close_timeout": 5, "ping_interval": None, "compression": None,
+                                  "proxy": None}
         if subprotocols:
             kwargs["subprotocols"] = list(subprotocols)
         if origin is not None:
             kwargs["origin"] = origin
-        ws = await connect(url, **kwargs)  # type: ignore[arg-type]
+        if receive_buffer is not None:
+            host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+            kwargs["sock"] = sock
+        ws = await connect(url, **kwargs)
         return cls(ws)
 
     @property
