@@ -20,4 +20,6 @@ def discover() -> list[Callable[[Gateway], Sequence[BaseRoute]]]:
     from gateway.chat.component import chat_component
 
     components: list[Callable[[Gateway], Sequence[BaseRoute]]] = [chat_component]
+    from gateway.pages import pages_component
+    components.append(pages_component)
     return components
