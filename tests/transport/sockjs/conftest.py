@@ -1,9 +1,9 @@
 """Fixtures for the SockJS transport tests: fake connections, an inline app, a real uvicorn server.
 
 The fakes stand in for the STOMP layer only (the layer under test is the SockJS transport): an echo
-connection (every message comes back; ``!close CODE REASON``, ``!burst N`` and ``!bytes`` drive the
-sink), and the same connection in "close" mode, which closes with ``c[3000,"Go away!"]`` as soon
-as it starts (sockjs-protocol's ``/close`` service).
+connection (every message comes back; ``!close CODE REASON``, ``!burst N``, ``!bytes`` and
+``!raise`` drive the sink or fail), and the same connection in "close" mode, which closes with
+``c[3000,"Go away!"]`` as soon as it starts (sockjs-protocol's ``/close`` service).
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ class FakeConnection:
                 await self.sink.send(f"m{i}".encode())
         elif text == "!bytes":
             await self.sink.send(b"ok \xff\xfe end")
+        elif text == "!raise":
+            raise RuntimeError("fake connection failure")
         else:
             await self.sink.send(data)
 
