@@ -230,9 +230,12 @@ class Hub:
                 await hook(subscriber.info, subscription_id, destination)
 
     async def _remove_subscription(self, subscriber: Subscriber, subscription_id: str, destination: str) -> bool:
-        subs = self._subscriptions.get(subscriber.info.session_id)
+        session_id = subscriber.info.session_id
+        subs = self._subscriptions.get(session_id)
         if subs is None or subs.pop(subscription_id, None) is None:
             return False
+        if not subs and session_id not in self.sessions:
+            del self._subscriptions[session_id]  # an ended session's late subscription: leave nothing
         async with self._broker_lock:
             if self.registry.remove(destination, subscriber, subscription_id):
                 try:

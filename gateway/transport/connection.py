@@ -40,6 +40,7 @@ from gateway.stomp.session import (
     Unsubscribed,
 )
 from gateway.transport.base import (
+    CLOSE_INTERNAL,
     CLOSE_NORMAL,
     CLOSE_POLICY,
     CLOSE_PROTOCOL_ERROR,
@@ -115,7 +116,12 @@ class StompConnection:
         if self.closed:
             return
         async with self._lock:  # transports may call concurrently (SockJS xhr_send)
-            events = self.session.receive_data(data, self.clock())
+            try:
+                events = self.session.receive_data(data, self.clock())
+            except Exception:  # a bug in the session: never a traceback on the wire or a dead task
+                log.exception("session %s: internal error receiving data", self.info.session_id)
+                self._fail("Internal server error", None, code=CLOSE_INTERNAL)
+                return
             self._drain_session()
             for event in events:
                 if self._lost:
@@ -169,6 +175,12 @@ class StompConnection:
                 await self._message(event)
             elif isinstance(event, Subscribed):
                 await self.hub.subscribe(self, event.subscription_id, event.destination)
+                if self._lost:
+                    # The connection died while the subscription was being set up (after
+                    # session_ended removed this session's subscriptions): undo it, or it leaks.
+                    await self.hub.unsubscribe(self, event.subscription_id, event.destination,
+                                               run_hooks=False)
+                    return
                 if event.receipt is not None:
                     self.session.send_receipt(event.receipt)
                     self._drain_session()
@@ -214,10 +226,10 @@ class StompConnection:
         if event.receipt is not None:
             self.session.send_receipt(event.receipt)
 
-    def _fail(self, message: str, receipt: str | None) -> None:
+    def _fail(self, message: str, receipt: str | None, *, code: int | None = None) -> None:
         close = self.session.send_error(message, receipt)
         self._drain_session()
-        self._begin_close(close.code, close.reason)
+        self._begin_close(code or close.code, close.reason)
 
     # --- outbound ------------------------------------------------------------------------------
 
