@@ -22,7 +22,16 @@ from gateway.stomp.session import (
     Subscribed,
     Unsubscribed,
 )
-from tests.stomp.session_helpers import close_of, connected, deliver, frame, new_session, out, out_bytes, subscribe
+from tests.stomp.session_helpers import (
+    close_of,
+    connected,
+    deliver,
+    frame,
+    new_session,
+    out,
+    out_bytes,
+    subscribe,
+)
 from tests.support.stomp_wire import server_frames
 
 # -- version negotiation ------------------------------------------------------------------------
