@@ -32,7 +32,7 @@ class SchemaMissing(RuntimeError):
 
 def chat_component(gateway: Gateway) -> Sequence[BaseRoute]:
     settings = gateway.settings
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, busy_timeout_s=settings.db_busy_timeout_s)
     repository = ChatRepository(engine)
     writer = GroupCommitWriter(repository, batch_max=settings.commit_batch_max)
     presence: Presence
