@@ -1,0 +1,564 @@
+"""The production topology on one machine, without Docker: nginx -> N gateway nodes -> one Redis, one DB.
+
+Owns: starting and stopping a real ``nginx`` (from apt, run as a non-daemon child with its own prefix
+directory and config in a temporary directory), a real ``redis-server``, and N ``chat-gateway serve``
+processes on free loopback ports against one database (an SQLite file in the work directory unless a
+``database_url`` is given), migrated once before the nodes start. nginx runs ``deploy/nginx.conf`` itself,
+rewritten only where a laptop differs from the compose network (see :func:`local_nginx_conf`).
+
+As a module (tests)::
+
+    with LocalCluster(nodes=2) as cluster:
+        cluster.url                      # http://127.0.0.1:<port> (nginx)
+        cluster.nodes[0].node_id         # "node1"
+        cluster.kill_node(0)             # SIGKILL, as a crash would
+        cluster.start_node(0)            # same port and node id again
+
+As a command (humans): ``deploy/local-cluster start [--nodes N] [--port P] [--detach]``, then
+``deploy/local-cluster stop`` (or Ctrl-C in the foreground). ``status`` prints the running cluster.
+
+Imports nothing from the gateway (it drives it as separate processes) and nothing from tests/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NGINX_CONF = REPO_ROOT / "deploy" / "nginx.conf"
+HOST = "127.0.0.1"
+STATE_FILE = Path(tempfile.gettempdir()) / f"chat-gateway-local-cluster-{os.getuid()}.json"
+
+
+class ClusterError(RuntimeError):
+    """A process of the cluster did not start, or a tool is missing."""
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port that was free a moment ago (bind port 0 and ask the kernel)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def find_executable(name: str, *, install: bool = False, package: str | None = None) -> str:
+    """The path of ``name`` (also looking in /usr/sbin); installed with apt-get when asked and root."""
+    for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    package = package or name
+    if install and os.geteuid() == 0 and shutil.which("apt-get"):
+        print(f"local-cluster: installing {package} with apt-get", file=sys.stderr)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+        return find_executable(name)
+    raise ClusterError(f"{name} is not installed: run `apt-get install {package}` (or `make system-deps`)")
+
+
+def http_get(url: str, timeout_s: float = 2.0) -> tuple[int, bytes]:
+    """(status, body) of a GET; (0, b"") when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), bytes(exc.read())
+    except (OSError, ValueError):
+        return 0, b""
+
+
+def _tail(path: Path, size: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-size:]
+    except OSError:
+        return "(no log)"
+
+
+# --- nginx config ----------------------------------------------------------------------------------
+
+_SERVER_LINE = re.compile(r"^(\s*)server\s+(\S+)((?:\s+[^;]+)?);\s*$")
+
+
+def local_nginx_conf(template: str, *, listen: str, upstreams: Sequence[str], prefix: Path,
+                     workers: int = 1) -> str:
+    """``deploy/nginx.conf`` for this machine: only the machine-specific directives are rewritten.
+
+    ``listen`` -> ``listen``; the upstream ``chat_gateway``'s ``server`` lines -> one per address in
+    ``upstreams`` (keeping their parameters); logs, pid and temp paths -> under ``prefix``;
+    ``worker_processes`` -> ``workers``. Raises ValueError when the template lacks one of them, so a
+    change to deploy/nginx.conf that the local cluster would silently not follow fails loudly.
+    """
+    out: list[str] = [f"pid {prefix}/nginx.pid;"]
+    seen = {"listen": 0, "upstream": 0, "http": 0}
+    in_upstream = False
+    for line in template.splitlines():
+        stripped = line.strip()
+        indent = line[:len(line) - len(line.lstrip())]
+        directive = stripped.split(None, 1)[0] if stripped and not stripped.startswith("#") else ""
+        if directive == "pid":
+            continue
+        if directive == "worker_processes":
+            out.append(f"{indent}worker_processes {workers};")
+            continue
+        if directive == "error_log":
+            out.append(f"{indent}error_log {prefix}/logs/error.log warn;")
+            continue
+        if directive == "access_log":
+            out.append(f"{indent}access_log {prefix}/logs/access.log;")
+            continue
+        if directive == "listen":
+            seen["listen"] += 1
+            out.append(f"{indent}listen {listen};")
+            continue
+        if directive == "upstream" and stripped.startswith("upstream chat_gateway"):
+            in_upstream = True
+        elif in_upstream and stripped == "}":
+            in_upstream = False
+        elif in_upstream and directive == "server":
+            match = _SERVER_LINE.match(line)
+            if match is None:
+                raise ValueError(f"cannot read upstream line {line!r}")
+            if seen["upstream"] == 0:
+                for address in upstreams:
+                    out.append(f"{match.group(1)}server {address}{match.group(3)};")
+            seen["upstream"] += 1
+            continue
+        out.append(line)
+        if stripped == "http {":
+            seen["http"] += 1
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+                out.append(f"{indent}    {kind}_temp_path {prefix}/temp/{kind};")
+    missing = [name for name, count in seen.items() if count == 0]
+    if missing:
+        raise ValueError(f"deploy/nginx.conf has no {', '.join(missing)} directive the local cluster can rewrite")
+    return "\n".join(out) + "\n"
+
+
+# --- processes -------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Node:
+    """One gateway process."""
+
+    index: int
+    node_id: str
+    port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+
+def _stop_process(process: subprocess.Popen[bytes] | None, sig: signal.Signals, timeout_s: float) -> None:
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(sig)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@dataclass(eq=False)
+class LocalCluster:
+    """nginx + redis-server + ``nodes`` gateway processes (see the module docstring)."""
+
+    nodes_count: int = 2
+    port: int = 0                          # nginx port; 0 = a free one
+    database_url: str | None = None        # default: SQLite file in the work directory
+    redis_url: str | None = None           # default: a private redis-server
+    gateway_args: Sequence[str] = ()       # extra `chat-gateway serve` flags for every node
+    workdir: Path | None = None            # default: a new temporary directory, removed by stop()
+    python: str = sys.executable
+    install_missing: bool = False          # apt-get install nginx/redis-server when missing (root only)
+    startup_timeout_s: float = 30.0
+    nodes: list[Node] = field(default_factory=list)
+    _redis: subprocess.Popen[bytes] | None = None
+    _nginx: subprocess.Popen[bytes] | None = None
+    _own_workdir: bool = False
+    _logs: list[IO[bytes]] = field(default_factory=list)
+
+    # --- addresses ------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def prefix(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "nginx"
+
+    def describe(self) -> dict[str, Any]:
+        return {"url": self.url, "pid": os.getpid(), "workdir": str(self.workdir), "redis_url": self.redis_url,
+                "database_url": self.database_url,
+                "nodes": [{"node_id": n.node_id, "url": n.url, "pid": n.pid, "log": str(n.log_path)}
+                          for n in self.nodes],
+                "nginx": {"pid": self._nginx.pid if self._nginx else None,
+                          "logs": str(self.prefix / "logs")}}
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> LocalCluster:
+        nginx = find_executable("nginx", install=self.install_missing)
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="chat-gateway-cluster-"))
+            self._own_workdir = True
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # nginx workers drop root privileges: they must be able to reach the temp paths.
+        self.workdir.chmod(0o755)
+        (self.workdir / "logs").mkdir(exist_ok=True)
+        try:
+            if self.redis_url is None:
+                self._start_redis(find_executable("redis-server", install=self.install_missing,
+                                                  package="redis-server"))
+            if self.database_url is None:
+                self.database_url = f"sqlite+aiosqlite:///{self.workdir / 'chat.db'}"
+            self._migrate()
+            self.nodes = [Node(i, f"node{i + 1}", free_port(), self.workdir / "logs" / f"node{i + 1}.log")
+                          for i in range(self.nodes_count)]
+            for node in self.nodes:
+                self._spawn_node(node)
+            for node in self.nodes:
+                self._wait_ready(node)
+            self._start_nginx(nginx)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_redis(self, executable: str) -> None:
+        assert self.workdir is not None
+        port = free_port()
+        log = self.workdir / "logs" / "redis.log"
+        self._redis = subprocess.Popen(
+            [executable, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir), "--daemonize", "no", "--logfile", str(log)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self.redis_url = f"redis://{HOST}:{port}/0"
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._redis.poll() is not None:
+                raise ClusterError(f"redis-server exited: {_tail(log)}")
+            with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise ClusterError(f"redis-server did not answer in {self.startup_timeout_s} s: {_tail(log)}")
+
+    def _migrate(self) -> None:
+        assert self.database_url is not None
+        result = subprocess.run([self.python, "-m", "gateway.cli", "migrate", "--database-url", self.database_url],
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise ClusterError(f"chat-gateway migrate failed: {result.stderr[-3000:]}")
+
+    def _spawn_node(self, node: Node) -> None:
+        assert self.database_url is not None and self.redis_url is not None
+        log = node.log_path.open("ab")
+        self._logs.append(log)
+        args = [self.python, "-m", "gateway.cli", "serve", "--host", HOST, "--port", str(node.port),
+                "--node-id", node.node_id, "--redis-url", self.redis_url, "--database-url", self.database_url,
+                *self.gateway_args]
+        node.process = subprocess.Popen(args, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _wait_ready(self, node: Node) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if node.process is None or node.process.poll() is not None:
+                raise ClusterError(f"gateway {node.node_id} exited: {_tail(node.log_path)}")
+            status, _ = http_get(node.url + "/readyz", timeout_s=1.0)
+            if status == 200:
+                return
+            time.sleep(0.05)
+        raise ClusterError(f"gateway {node.node_id} not ready in {self.startup_timeout_s} s: "
+                           f"{_tail(node.log_path)}")
+
+    def _start_nginx(self, executable: str) -> None:
+        prefix = self.prefix
+        for sub in ("logs", "temp"):
+            (prefix / sub).mkdir(parents=True, exist_ok=True)
+        prefix.chmod(0o755)
+        (prefix / "temp").chmod(0o777)
+        if self.port == 0:
+            self.port = free_port()
+        conf = local_nginx_conf(NGINX_CONF.read_text(), listen=f"{HOST}:{self.port}",
+                                upstreams=[f"{HOST}:{node.port}" for node in self.nodes], prefix=prefix)
+        conf_path = prefix / "nginx.conf"
+        conf_path.write_text(conf)
+        base = [executable, "-p", str(prefix), "-e", str(prefix / "logs" / "error.log"), "-c", str(conf_path)]
+        check = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True, timeout=30)
+        if check.returncode != 0:
+            raise ClusterError(f"nginx rejected the config: {check.stderr.strip()}")
+        log = (prefix / "logs" / "stderr.log").open("ab")
+        self._logs.append(log)
+        self._nginx = subprocess.Popen([*base, "-g", "daemon off;"], stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._nginx.poll() is not None:
+                raise ClusterError(f"nginx exited: {_tail(prefix / 'logs' / 'error.log')}")
+            status, _ = http_get(self.url + "/healthz", timeout_s=1.0)
+            if status == 200:
+                return
+            time.sleep(0.05)
+        raise ClusterError(f"nginx did not answer in {self.startup_timeout_s} s")
+
+    # --- node control (tests) -------------------------------------------------------------------
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL a node, as a crash would: no QUITs, no drain."""
+        _stop_process(self.nodes[index].process, signal.SIGKILL, 10)
+
+    def stop_node(self, index: int, timeout_s: float = 20.0) -> None:
+        """SIGTERM a node: it drains its sessions, then exits."""
+        _stop_process(self.nodes[index].process, signal.SIGTERM, timeout_s)
+
+    def start_node(self, index: int) -> None:
+        """Start a stopped node again, on its port and with its node id."""
+        node = self.nodes[index]
+        if node.running:
+            raise ClusterError(f"{node.node_id} is running")
+        self._spawn_node(node)
+        self._wait_ready(node)
+
+    def node_by_id(self, node_id: str) -> Node:
+        for node in self.nodes:
+            if node.node_id == node_id:
+                return node
+        raise KeyError(node_id)
+
+    # --- shutdown -------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop everything (nginx, then the nodes in parallel, then Redis) and remove the work dir."""
+        _stop_process(self._nginx, signal.SIGQUIT, 10)
+        for node in self.nodes:
+            if node.running and node.process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    node.process.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            _stop_process(node.process, signal.SIGTERM, 20)
+        _stop_process(self._redis, signal.SIGTERM, 10)
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+        if self._own_workdir and self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def local_cluster(**kwargs: Any) -> Iterator[LocalCluster]:
+    """A started :class:`LocalCluster`, stopped on exit."""
+    cluster = LocalCluster(**kwargs)
+    with cluster:
+        yield cluster
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _banner(state: dict[str, Any]) -> str:
+    lines = [f"chat cluster ready: {state['url']}/chat/room",
+             f"  nginx -> {', '.join(n['node_id'] + ' ' + n['url'] for n in state['nodes'])}",
+             f"  redis {state['redis_url']}, database {state['database_url']}",
+             f"  logs in {state['workdir']}/logs and {state['nginx']['logs']}",
+             "  open the URL in two browser tabs (or a normal and a private window) to chat across nodes;",
+             "  stop with Ctrl-C, or `deploy/local-cluster stop`"]
+    return "\n".join(lines)
+
+
+def _already_running(state_file: Path) -> bool:
+    existing = _read_state(state_file)
+    if existing is not None and _alive(int(existing.get("pid", 0))):
+        print(f"local-cluster: already running at {existing.get('url')} (pid {existing.get('pid')}); "
+              "`deploy/local-cluster stop` first", file=sys.stderr)
+        return True
+    return False
+
+
+def _run(args: argparse.Namespace) -> int:
+    state_file = Path(args.state_file)
+    if _already_running(state_file):
+        return 1
+    cluster = LocalCluster(nodes_count=args.nodes, port=args.port, database_url=args.database_url,
+                           redis_url=args.redis_url, gateway_args=args.gateway_args,
+                           workdir=Path(args.workdir) if args.workdir else None, install_missing=True)
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        cluster.start()
+        state = cluster.describe()
+        state_file.write_text(json.dumps(state))
+        print(_banner(state), flush=True)
+        while True:
+            time.sleep(1)
+            for node in cluster.nodes:
+                if node.process is not None and node.process.poll() is not None and not stopping:
+                    print(f"local-cluster: {node.node_id} exited ({node.process.returncode}); "
+                          f"log: {node.log_path}", file=sys.stderr, flush=True)
+                    node.process = None
+    except KeyboardInterrupt:
+        print("local-cluster: stopping", flush=True)
+    except ClusterError as exc:
+        print(f"local-cluster: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        cluster.stop()
+        current = _read_state(state_file)
+        if current is not None and current.get("pid") == os.getpid():
+            state_file.unlink(missing_ok=True)
+    print("local-cluster: stopped", flush=True)
+    return 0
+
+
+def _start_detached(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    state_file = Path(args.state_file)
+    if _already_running(state_file):
+        return 1
+    state_file.unlink(missing_ok=True)
+    log_path = Path(tempfile.gettempdir()) / f"chat-gateway-local-cluster-{os.getuid()}.log"
+    forwarded = [a for a in argv if a not in ("--detach", "-d")]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "deploy.local_cluster", *forwarded], cwd=REPO_ROOT,
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state = _read_state(state_file)
+        if state is not None and state.get("pid") == process.pid:
+            print(_banner(state))
+            return 0
+        if process.poll() is not None:
+            print(f"local-cluster: failed to start:\n{_tail(log_path)}", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    print(f"local-cluster: not ready after 120 s; see {log_path}", file=sys.stderr)
+    return 1
+
+
+def _stop(args: argparse.Namespace) -> int:
+    state = _read_state(Path(args.state_file))
+    if state is None or not _alive(int(state.get("pid", 0))):
+        print("local-cluster: not running")
+        Path(args.state_file).unlink(missing_ok=True)
+        return 0
+    pid = int(state["pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    if _alive(pid):
+        print(f"local-cluster: pid {pid} did not stop in 60 s", file=sys.stderr)
+        return 1
+    print("local-cluster: stopped")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    state = _read_state(Path(args.state_file))
+    if state is None or not _alive(int(state.get("pid", 0))):
+        print("local-cluster: not running")
+        return 1
+    print(_banner(state))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="local-cluster",
+                                     description="nginx + Redis + N chat-gateway nodes on this machine")
+    parser.add_argument("--state-file", default=str(STATE_FILE), help="where a running cluster is recorded")
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start", help="start the cluster (foreground unless --detach)")
+    start.add_argument("--nodes", type=int, default=2, help="gateway processes (default 2)")
+    start.add_argument("--port", type=int, default=0, help="nginx port (default: a free one)")
+    start.add_argument("--database-url", default=None, help="default: an SQLite file in the work directory")
+    start.add_argument("--redis-url", default=None, help="default: a private redis-server on a free port")
+    start.add_argument("--workdir", default=None, help="default: a temporary directory, removed on stop")
+    start.add_argument("--detach", "-d", action="store_true", help="run in the background; stop with `stop`")
+    start.add_argument("gateway_args", nargs=argparse.REMAINDER,
+                       help="after --: extra `chat-gateway serve` flags for every node (e.g. -- --auth users "
+                            "--users alice:secret)")
+    sub.add_parser("stop", help="stop the cluster started with --detach (or in another terminal)")
+    sub.add_parser("status", help="print the running cluster's URL and processes")
+    args = parser.parse_args(argv)
+    if args.command == "start":
+        args.gateway_args = [a for a in args.gateway_args if a != "--"]
+        if args.nodes < 1:
+            parser.error("--nodes must be at least 1")
+        return _start_detached(args, argv) if args.detach else _run(args)
+    if args.command == "stop":
+        return _stop(args)
+    return _status(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
