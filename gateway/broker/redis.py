@@ -179,10 +179,12 @@ class RedisBroker:
 
     async def subscribe(self, destination: str) -> None:
         """Want ``destination``; while connected, returns once Redis confirmed the subscription."""
-        (self._patterns if is_pattern(destination) else self._exact)[destination] += 1
+        counter = self._patterns if is_pattern(destination) else self._exact
+        counter[destination] += 1
         subs = self.mapper.subscriptions(destination)
-        for sub in subs:
-            self._wanted[sub] += 1
+        if counter[destination] == 1:
+            for sub in subs:
+                self._wanted[sub] += 1
         link = self._link
         if link is None:
             return

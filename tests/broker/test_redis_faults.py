@@ -260,3 +260,29 @@ def test_invalid_options_are_rejected() -> None:
         RedisBroker("redis://127.0.0.1:1/0", node_id="n", channel_mapper=SpringChannelMapper(), timeout_s=0)
     with pytest.raises(ValueError):
         RedisBroker("redis://127.0.0.1:1/0", node_id="n", channel_mapper=SpringChannelMapper(), pool_size=0)
+
+
+async def test_redis_subscriptions_follow_the_nodes_destinations(fault_bus: Bus) -> None:
+    server = fault_bus.server
+    assert server is not None
+    node = await fault_bus.node()
+
+    def counts() -> tuple[int, int]:
+        (pubsub,) = [c for c in client_list(server) if c.get("name") == "gateway:n0:pubsub"]
+        return int(pubsub["sub"]), int(pubsub["psub"])
+
+    assert counts() == (1, 0)  # the barrier destination
+    rooms = [f"/sub/chat/room/{uuid.uuid4()}" for _ in range(3)]
+    for room in rooms:
+        await node.broker.subscribe(room)
+        await node.broker.subscribe(room)
+    await node.broker.subscribe("/sub/other/*")
+    assert counts() == (7, 1)
+    for room in rooms:
+        await node.broker.unsubscribe(room)
+    await node.broker.unsubscribe("/sub/other/*")
+    await node.broker.unsubscribe("/sub/never/subscribed")
+    await eventually(lambda: counts() == (7, 0), "the pattern's PUNSUBSCRIBE")
+    for room in rooms:
+        await node.broker.unsubscribe(room)
+    await eventually(lambda: counts() == (1, 0), "every room's UNSUBSCRIBE")
