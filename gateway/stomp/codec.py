@@ -196,14 +196,15 @@ class FrameParser:
         if command not in self.commands:
             shown = command if len(command) <= 32 else command[:32] + "..."
             raise ProtocolError(f"Unknown STOMP command {shown!r}")
-        unescaping = self.unescape_headers and command not in UNESCAPED_COMMANDS
+        # Whole-block checks let the common frame (no backslash, no CR) skip the per-header work.
+        unescaping = self.unescape_headers and command not in UNESCAPED_COMMANDS and "\\" in text
+        crlf = "\r" in text
         headers: list[tuple[str, str]] = []
-        for raw in lines[1:]:
-            line = raw.removesuffix("\r")
-            colon = line.find(":")
-            if colon <= 0:
+        for index in range(1, len(lines)):
+            line = lines[index].removesuffix("\r") if crlf else lines[index]
+            name, colon, value = line.partition(":")
+            if not colon or not name:
                 raise ProtocolError("Malformed header line (expected name:value)")
-            name, value = line[:colon], line[colon + 1:]
             if unescaping:
                 name, value = unescape(name), unescape(value)
             headers.append((name, value))

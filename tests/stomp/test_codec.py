@@ -173,7 +173,9 @@ def test_content_length_body_may_contain_nul() -> None:
 def test_zero_content_length_and_leading_zeros() -> None:
     assert parse_every_way(b"SEND\ncontent-length:0\n\n\x00")[0].body == b""
     assert parse_every_way(b"SEND\ncontent-length:007\n\nabcdefg\x00")[0].body == b"abcdefg"
-    assert parse_every_way(b"SEND\ncontent-length:" + b"0" * 5000 + b"\n\n\x00")[0].body == b""
+    zeros = b"SEND\ncontent-length:" + b"0" * 5000 + b"\n\n\x00"  # more digits than int() takes
+    for chunks in ([zeros], [zeros[i:i + 1] for i in range(len(zeros))]):
+        assert feed_chunks(chunks)[0] == [Frame("SEND", (("content-length", "0" * 5000),), b"")]
 
 
 def test_body_without_content_length_ends_at_first_nul() -> None:
@@ -194,7 +196,10 @@ def test_bad_content_length_is_rejected(value: bytes) -> None:
 
 def test_content_length_with_absurdly_many_digits_is_too_large() -> None:
     # 5000 digits: int() alone would raise ValueError (Python's 4300-digit limit), not a ProtocolError.
-    reject_every_way(b"SEND\ncontent-length:" + b"9" * 5000 + b"\n\n\x00", FrameTooLarge)
+    nines = b"SEND\ncontent-length:" + b"9" * 5000 + b"\n\n\x00"
+    for chunks in ([nines], [nines[i:i + 1] for i in range(len(nines))]):
+        with pytest.raises(FrameTooLarge):
+            feed_chunks(chunks)
     reject_every_way(b"SEND\ncontent-length:99999999999999999999\n\n", FrameTooLarge)
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from gateway.stomp.codec import FrameParser, MessageTemplate, escape, serialize, unescape
 from gateway.stomp.frames import ALL_COMMANDS, UNESCAPED_COMMANDS, Frame, ProtocolError
 
-SETTINGS = settings(max_examples=80, deadline=None)
+SETTINGS = settings(max_examples=60, deadline=None)
 
 ALWAYS_LENGTH = {"MESSAGE", "ERROR", "SEND"}
 ESCAPED_COMMANDS = sorted(ALL_COMMANDS - UNESCAPED_COMMANDS)
@@ -140,7 +140,7 @@ garbage = st.one_of(st.binary(max_size=300),
                     st.lists(st.sampled_from(TOKENS[-6:] * 4 + TOKENS), max_size=12).map(b"".join))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(stream=garbage, unescaping=st.booleans(), commands=st.sampled_from([ALL_COMMANDS, None]),
        data=st.data())
 def test_arbitrary_bytes_raise_only_protocol_errors_and_stay_bounded(
