@@ -61,7 +61,11 @@ class SessionRegistry:
                                 connection_factory=self.connection_factory,
                                 transport=f"sockjs-{transport}", remote=remote)
         self._sessions[session_id] = session
-        await session.start()
+        try:
+            await session.start()
+        except BaseException:
+            self.forget(session)
+            raise
         return session
 
     async def open_websocket(self, session_id: str, *, remote: str) -> SockJSSession:
@@ -72,7 +76,11 @@ class SessionRegistry:
                                 connection_factory=self.connection_factory,
                                 transport="sockjs-websocket", remote=remote, websocket=True)
         self._websockets.add(session)
-        await session.start()
+        try:
+            await session.start()
+        except BaseException:
+            self.forget(session)
+            raise
         return session
 
     # --- SessionOwner ---------------------------------------------------------------------------

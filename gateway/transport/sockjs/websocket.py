@@ -55,13 +55,18 @@ class _Channel:
             await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
 
+def _close_reason(reason: str) -> str:
+    """A WebSocket close reason must fit 123 bytes of UTF-8."""
+    return reason.encode("utf-8")[:123].decode("utf-8", errors="ignore")
+
+
 async def _write(session: SockJSSession, receiver: Receiver, channel: _Channel, heartbeat_s: float) -> None:
     while True:
         frame = await session.next_frame(receiver, heartbeat_s)
         await channel.send_text(frame)
         if frame.startswith("c"):
             code, reason = session.close_status or protocol.CLOSE_GO_AWAY
-            await channel.close(protocol.websocket_close_code(code), reason[:120])
+            await channel.close(protocol.websocket_close_code(code), _close_reason(reason))
             return
 
 

@@ -3,7 +3,8 @@
 The fakes stand in for the STOMP layer only (the layer under test is the SockJS transport): an echo
 connection (every message comes back; ``!close CODE REASON``, ``!burst N``, ``!bytes`` and
 ``!raise`` drive the sink or fail), and the same connection in "close" mode, which closes with
-``c[3000,"Go away!"]`` as soon as it starts (sockjs-protocol's ``/close`` service).
+``c[3000,"Go away!"]`` as soon as it starts (sockjs-protocol's ``/close`` service), or in "fail" mode,
+whose start() raises.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class FakeConnection:
 
     async def start(self) -> None:
         self.started += 1
+        if self.mode == "fail":
+            raise RuntimeError("fake start failure")
         if self.mode == "close":
             self._closed = True
             await self.sink.close(3000, "Go away!")

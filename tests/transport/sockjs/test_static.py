@@ -339,3 +339,14 @@ def test_info_json_is_compact_and_valid(client: TestClient) -> None:
     body = client.get("/echo/info").content
     assert b" " not in body
     assert json.loads(body)["websocket"] is True
+
+
+def test_connection_start_failure_leaves_no_session() -> None:
+    factory = FakeFactory("fail")
+    routes = create_sockjs_routes(make_settings(), factory)
+    app = Starlette(routes=[Mount("/ws-stomp", routes=routes)])
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/ws-stomp/0/s1/xhr").status_code == 500
+        assert len(routes.registry) == 0
+        assert client.post("/ws-stomp/0/s1/xhr_send", content=b'["x"]').status_code == 404
+    assert [c.started for c in factory.connections] == [1]

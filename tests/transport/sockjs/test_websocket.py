@@ -103,6 +103,17 @@ async def test_close_code_not_valid_on_websocket_becomes_1000(live: Live) -> Non
         assert (await closed_with(ws))[0] == 1000
 
 
+async def test_long_close_reason_is_cut_to_fit_the_websocket_close_frame(live: Live) -> None:
+    reason = "é" * 100
+    async with open_ws(ws_url(live)) as ws:
+        assert await recv(ws) == "o"
+        await ws.send(f'["!close 4000 {reason}"]')
+        assert await recv(ws) == f'c[4000,"{reason}"]'
+        code, sent_reason = await closed_with(ws)
+        assert code == 4000
+        assert sent_reason == "é" * 61  # 122 bytes: the longest whole-character prefix of 123
+
+
 @pytest.mark.parametrize("payload", ['["a', "{}", "[1]", '[["x"]]', "nonsense"])
 async def test_broken_json_closes_1007(live: Live, payload: str) -> None:
     async with open_ws(ws_url(live)) as ws:
