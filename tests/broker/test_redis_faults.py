@@ -22,7 +22,7 @@ from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
 
-FAST = {"timeout_s": 0.5, "health_check_s": 0.2, "reconnect_max_s": 0.2}
+FAST = {"timeout_s": 1.0, "health_check_s": 0.2, "reconnect_max_s": 0.2}
 
 
 @pytest.fixture
