@@ -299,6 +299,8 @@ class StompSession:
                 # A bug in an authenticator: log it here, never put its details on the wire.
                 log.exception("session %s: authenticator failed", self.session_id)
                 raise ProtocolError("Authentication failed") from None
+            if user is not None and ("\n" in user or "\r" in user):
+                raise ProtocolError("Authentication failed: invalid user name")
         self.version = version
         self.user = user
         self.state = State.CONNECTED
@@ -474,7 +476,7 @@ class StompSession:
 
     def _queue_error(self, message: str, receipt_id: str | None = None,
                      extra: Sequence[tuple[str, str]] = ()) -> None:
-        headers = [("message", message.replace("\n", " ")[:512])]
+        headers = [("message", message.replace("\r", " ").replace("\n", " ")[:512])]
         if receipt_id is not None:
             headers.append(("receipt-id", receipt_id))
         headers.extend(extra)
