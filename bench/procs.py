@@ -1,0 +1,247 @@
+"""The processes a benchmark drives: gateway nodes, a private redis-server, the RabbitMQ peer.
+
+Owns: starting ``chat-gateway`` (``migrate`` then ``serve``) as a child process on a free loopback
+port and stopping it; bringing RabbitMQ up with the Web-STOMP plugin (``rabbitmq-server -detached``
+after raising the open-files limit, ``rabbitmq-plugins enable rabbitmq_web_stomp``; both idempotent,
+root needed) or explaining why the peer is unavailable; reading a process's CPU time from /proc;
+describing the machine.
+
+Only 127.0.0.1 is ever bound or contacted. Imports nothing from the gateway (it runs as a child
+process) and only ``tests.support.redis_server`` from the test tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support.redis_server import RedisServer, RedisServerMissing, free_port
+
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+RABBIT_WEB_STOMP_PORT = 15674
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+__all__ = ["HOST", "GatewayNode", "PeerUnavailable", "RabbitPeer", "RedisServer", "RedisServerMissing",
+           "cpu_seconds", "free_port", "machine_busy_seconds",
+           "machine_info"]
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds the process has used so far (None if it is gone or unknown)."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime (fields 14, 15)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes of the machine have spent busy since boot (all cores, from /proc/stat)."""
+    try:
+        line = Path("/proc/stat").read_text().split("\n", 1)[0]
+    except OSError:
+        return 0.0
+    ticks = [int(x) for x in line.split()[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return (sum(ticks[:8]) - idle) / _CLOCK_TICKS
+
+
+def _wait_port(port: int, deadline_s: float) -> bool:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@dataclass
+class GatewayNode:
+    """One ``chat-gateway serve`` child process (see the module docstring)."""
+
+    database_url: str
+    redis_url: str | None = None
+    allow_client_broker_send: bool = True
+    extra_args: tuple[str, ...] = ()
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    _log: object = field(default=None, repr=False)
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{HOST}:{self.port}/ws-stomp/websocket"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @staticmethod
+    def migrate(database_url: str) -> None:
+        subprocess.run([sys.executable, "-m", "gateway.cli", "migrate", "--database-url", database_url],
+                       check=True, cwd=REPO, stdout=subprocess.DEVNULL, timeout=120)
+
+    def start(self, log_dir: Path) -> GatewayNode:
+        self.port = free_port()
+        args = [sys.executable, "-m", "gateway.cli", "serve", "--host", HOST, "--port", str(self.port),
+                "--database-url", self.database_url, "--log-level", "warning",
+                "--allow-client-broker-send", "true" if self.allow_client_broker_send else "false",
+                "--drain-timeout-s", "2", *self.extra_args]
+        if self.redis_url is not None:
+            args += ["--redis-url", self.redis_url]
+        self.log_path = log_dir / f"gateway-{self.port}.log"
+        log = self.log_path.open("wb")
+        self._log = log
+        self.process = subprocess.Popen(args, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.process.returncode}: {self.log_tail()}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{self.http_url}/chat/rooms", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"gateway did not answer on port {self.port}: {self.log_tail()}")
+
+    def create_room(self, name: str) -> str:
+        data = f"name={name}".encode()
+        request = urllib.request.Request(f"{self.http_url}/chat/room", data=data, method="POST",
+                                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return str(json.loads(response.read())["roomId"])
+
+    def log_tail(self, chars: int = 2000) -> str:
+        if self.log_path is None:
+            return ""
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-chars:]
+        return ""
+
+    def stop(self) -> None:
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+        self.process = None
+        log = self._log
+        if log is not None and hasattr(log, "close"):
+            log.close()
+        self._log = None
+
+
+class PeerUnavailable(RuntimeError):
+    """RabbitMQ (or its Web-STOMP plugin) cannot be used; the message says why."""
+
+
+def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@dataclass
+class RabbitPeer:
+    """The RabbitMQ broker with its Web-STOMP plugin, used as the reference in the same run."""
+
+    port: int = RABBIT_WEB_STOMP_PORT
+    login: str = "guest"
+    passcode: str = "guest"
+    version: str = ""
+    pid: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{HOST}:{self.port}/ws"
+
+    def ensure(self) -> RabbitPeer:
+        """Start RabbitMQ if needed, enable Web-STOMP, wait for its port; raise PeerUnavailable."""
+        if shutil.which("rabbitmq-server") is None or shutil.which("rabbitmqctl") is None:
+            raise PeerUnavailable("RabbitMQ is not installed (no rabbitmq-server/rabbitmqctl on PATH)")
+        if _run(["rabbitmqctl", "status"], 60).returncode != 0:
+            if os.geteuid() != 0:
+                raise PeerUnavailable("RabbitMQ is not running and starting it needs root")
+            self.notes.append("RabbitMQ was not running; started with `rabbitmq-server -detached` "
+                              "after `ulimit -n 65536`")
+            subprocess.run(["bash", "-c", "ulimit -n 65536 && rabbitmq-server -detached"], check=False,
+                           timeout=60, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            waited = _run(["rabbitmqctl", "await_startup", "--timeout", "90"], 120)
+            if waited.returncode != 0:
+                raise PeerUnavailable(f"RabbitMQ did not start: {waited.stderr.strip()[-500:]}")
+        enabled = _run(["rabbitmq-plugins", "enable", "rabbitmq_web_stomp"], 120)
+        if enabled.returncode != 0:
+            raise PeerUnavailable(f"could not enable rabbitmq_web_stomp: {enabled.stderr.strip()[-500:]}")
+        if not _wait_port(self.port, 30):
+            raise PeerUnavailable(f"RabbitMQ Web-STOMP is not listening on {HOST}:{self.port}")
+        version = _run(["rabbitmqctl", "version"], 60)
+        self.version = version.stdout.strip() if version.returncode == 0 else "unknown"
+        pid = _run(["rabbitmqctl", "eval", "os:getpid()."], 60)
+        match = re.search(r"\d+", pid.stdout)
+        self.pid = int(match.group()) if match else None
+        limits = Path(f"/proc/{self.pid}/limits") if self.pid else None
+        if limits is not None and limits.exists():
+            for line in limits.read_text().splitlines():
+                if line.startswith("Max open files"):
+                    self.notes.append(f"RabbitMQ process limit: {' '.join(line.split()[3:5])} open files "
+                                      "(soft, hard); the benchmarks keep well under it")
+        return self
+
+
+def machine_info() -> dict[str, object]:
+    """nproc, CPU model, memory, Python and kernel versions, load average at the start."""
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    mem_gib = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kib = int(Path("/proc/meminfo").read_text().splitlines()[0].split()[1])
+        mem_gib = round(mem_kib / 1024 / 1024, 1)
+    packages: dict[str, str] = {}
+    from importlib.metadata import PackageNotFoundError, version
+    for name in ("websockets", "uvicorn", "starlette", "uvloop", "httptools", "redis", "sqlalchemy",
+                 "aiosqlite"):
+        with contextlib.suppress(PackageNotFoundError):
+            packages[name] = version(name)
+    redis_version = ""
+    redis_bin = shutil.which("redis-server")
+    if redis_bin:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            redis_version = _run([redis_bin, "--version"], 10).stdout.strip()
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "memory_gib": mem_gib,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "packages": packages,
+        "redis_server": redis_version,
+    }
