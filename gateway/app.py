@@ -18,7 +18,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from gateway.auth import create_authenticator
@@ -28,6 +28,8 @@ from gateway.settings import Settings, load_settings
 from gateway.stomp.session import Authenticator, SessionConfig
 from gateway.transport.base import CLOSE_SERVICE_RESTART, Connection, FrameSink
 from gateway.transport.connection import StompConnection, session_config
+from gateway.transport.sockjs import SessionRegistry, create_sockjs_routes
+from gateway.transport.sockjs import greeting as sockjs_greeting
 from gateway.transport.websocket import serve_websocket
 
 log = logging.getLogger("gateway")
@@ -68,6 +70,10 @@ class Gateway:
         deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout_s
         while self.hub.sessions and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
+        sockjs = self.extras.get("sockjs")
+        if isinstance(sockjs, SessionRegistry):
+            # Whatever SockJS sessions are left (no STOMP CONNECT yet, polls in flight) get c[3000].
+            await sockjs.close_all()
 
 
 def build_gateway(settings: Settings) -> Gateway:
@@ -109,7 +115,11 @@ def create_app(settings: Settings | None = None, *,
             return
         await serve_websocket(websocket, gateway.new_connection, settings.allowed_origins)
 
-    routes: list[BaseRoute] = [WebSocketRoute("/ws-stomp/websocket", websocket_endpoint)]
+    sockjs = create_sockjs_routes(settings, gateway.new_connection)
+    gateway.extras["sockjs"] = sockjs.registry
+    # The raw WebSocket route comes before the SockJS mount that shares its prefix.
+    routes: list[BaseRoute] = [WebSocketRoute("/ws-stomp/websocket", websocket_endpoint),
+                               Route("/ws-stomp", sockjs_greeting), Mount("/ws-stomp", routes=sockjs)]
     routes += _health_routes()
     if configure is None:
         configure = default_components()
