@@ -202,6 +202,7 @@ class LocalCluster:
     workdir: Path | None = None            # default: a new temporary directory, removed by stop()
     python: str = sys.executable
     install_missing: bool = False          # apt-get install nginx/redis-server when missing (root only)
+    inherit_gateway_env: bool = True       # False: the nodes ignore GATEWAY_* variables of this process
     startup_timeout_s: float = 30.0
     nodes: list[Node] = field(default_factory=list)
     _redis: subprocess.Popen[bytes] | None = None
@@ -279,10 +280,16 @@ class LocalCluster:
             time.sleep(0.05)
         raise ClusterError(f"redis-server did not answer in {self.startup_timeout_s} s: {_tail(log)}")
 
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if not self.inherit_gateway_env:
+            env = {k: v for k, v in env.items() if not k.startswith("GATEWAY_")}
+        return env
+
     def _migrate(self) -> None:
         assert self.database_url is not None
         result = subprocess.run([self.python, "-m", "gateway.cli", "migrate", "--database-url", self.database_url],
-                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=self._child_env())
         if result.returncode != 0:
             raise ClusterError(f"chat-gateway migrate failed: {result.stderr[-3000:]}")
 
@@ -294,7 +301,7 @@ class LocalCluster:
                 "--node-id", node.node_id, "--redis-url", self.redis_url, "--database-url", self.database_url,
                 *self.gateway_args]
         node.process = subprocess.Popen(args, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True, env=self._child_env())
 
     def _wait_ready(self, node: Node) -> None:
         deadline = time.monotonic() + self.startup_timeout_s

@@ -1,0 +1,1 @@
+"""Browser tests: the chat page in Chromium against the local cluster behind nginx."""

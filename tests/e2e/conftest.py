@@ -1,0 +1,194 @@
+"""Fixtures for the browser tests: the local cluster behind real nginx, and Debian's Chromium.
+
+- ``cluster``: :class:`deploy.local_cluster.LocalCluster` with 2 gateway nodes, one redis-server and
+  one SQLite database, started once for the module (restarted nodes are the tests' business).
+- ``browser``: Playwright (from PyPI) driving ``/usr/bin/chromium`` headless. Never a downloaded
+  browser: ``playwright install`` is not used anywhere.
+- :class:`ChatPage` wraps one tab on the chat page with the few actions and reads the tests need.
+
+Missing chromium/nginx/redis-server skip these tests on a developer machine and fail them in CI
+(``make test`` installs all three).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from deploy.local_cluster import ClusterError, LocalCluster, find_executable
+
+pytest.importorskip("playwright.sync_api")
+from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+TIMEOUT_S = 20.0
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what}; CI must run the browser tests (make test installs it)", pytrace=False)
+    pytest.skip(what)
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout_s: float = TIMEOUT_S, interval_s: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def playwright() -> Iterator[Playwright]:
+    if not os.access(CHROMIUM, os.X_OK):
+        _missing(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    with sync_playwright() as pw:
+        yield pw
+
+
+@pytest.fixture(scope="session")
+def browser(playwright: Playwright) -> Iterator[Browser]:
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    try:
+        yield browser
+    finally:
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    for tool in ("nginx", "redis-server"):
+        try:
+            find_executable(tool)
+        except ClusterError as exc:
+            _missing(str(exc))
+    # presence_ttl_s short so that counts heal quickly after a node is killed.
+    cluster = LocalCluster(nodes_count=2, gateway_args=["--presence-ttl-s", "6", "--log-level", "info"],
+                           inherit_gateway_env=False)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture
+def contexts(browser: Browser) -> Iterator[Callable[..., BrowserContext]]:
+    """Make isolated browser contexts (separate cookies: separate guests); closed after the test."""
+    made: list[BrowserContext] = []
+
+    def make(**kwargs: Any) -> BrowserContext:
+        kwargs.setdefault("viewport", {"width": 1000, "height": 720})
+        context = browser.new_context(**kwargs)
+        context.set_default_timeout(TIMEOUT_S * 1000)
+        made.append(context)
+        return context
+
+    yield make
+    for context in made:
+        context.close()
+
+
+# --- cluster state ---------------------------------------------------------------------------------
+
+def presence(cluster: LocalCluster, room_id: str) -> dict[str, int]:
+    """Each node's own session count in the room, as the nodes store it in Redis."""
+    assert cluster.redis_url is not None
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        counts = {}
+        for node in cluster.nodes:
+            value = client.hget(f"gateway:presence:{node.node_id}", room_id)
+            counts[node.node_id] = int(value) if value is not None else 0
+        return counts
+    finally:
+        client.close()
+
+
+def db_messages(cluster: LocalCluster, room_id: str) -> list[tuple[int, str, str, str]]:
+    """(seq, type, sender, message) rows of a room, straight from the SQLite file."""
+    assert cluster.database_url is not None
+    path = cluster.database_url.split(":///", 1)[1]
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT seq, type, sender, message FROM messages WHERE room_id = ? ORDER BY seq",
+                          (room_id,)).fetchall()
+    return [(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
+
+
+# --- the page ------------------------------------------------------------------------------------
+
+@dataclass
+class ChatPage:
+    page: Page
+    dialogs: list[str]
+
+    @classmethod
+    def open(cls, context: BrowserContext, url: str) -> ChatPage:
+        page = context.new_page()
+        dialogs: list[str] = []
+        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+        page.goto(url)
+        return cls(page, dialogs)
+
+    @property
+    def state(self) -> str:
+        return str(self.page.evaluate("document.body.dataset.state"))
+
+    def wait_state(self, state: str, timeout_s: float = TIMEOUT_S) -> None:
+        wait_for(lambda: self.state == state, f"page state {state!r}", timeout_s)
+
+    @property
+    def me(self) -> str:
+        return str(self.page.locator("#whoami").text_content() or "")
+
+    def user_count(self) -> str:
+        return str(self.page.locator("#user-count").text_content())
+
+    def send(self, text: str) -> None:
+        self.page.locator("#text").fill(text)
+        self.page.locator("#composer button[type=submit]").click()
+
+    def messages(self) -> list[dict[str, Any]]:
+        """What the page shows, in DOM order: seq, kind, sender and text of every message."""
+        result: list[dict[str, Any]] = self.page.evaluate(
+            """() => Array.from(document.querySelectorAll('#messages > li')).map((li) => ({
+                 seq: li.dataset.seq === undefined ? null : Number(li.dataset.seq),
+                 kind: li.classList.contains('notice') ? 'notice' : 'talk',
+                 sender: li.querySelector('.sender') ? li.querySelector('.sender').textContent : null,
+                 text: li.querySelector('.text').textContent,
+               }))""")
+        return result
+
+    def texts(self) -> list[str]:
+        return [m["text"] for m in self.messages() if m["kind"] == "talk"]
+
+    def pending(self) -> int:
+        return int(self.page.locator("#outbox > li").count())
+
+    def wait_texts(self, expected: list[str], timeout_s: float = TIMEOUT_S) -> None:
+        """Wait until every text in ``expected`` is shown (then the caller checks exactly-once)."""
+        wait_for(lambda: all(t in self.texts() for t in expected), f"messages {expected!r}", timeout_s)
+
