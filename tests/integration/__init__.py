@@ -1,0 +1,1 @@
+"""Integration tests: real clients over real servers."""

@@ -1,0 +1,228 @@
+"""A REAL gateway process for tests: ``.venv/bin/chat-gateway serve`` on a free port.
+
+Owns: starting the installed console script the way an operator does (settings as ``--flags`` and/or
+``GATEWAY_*`` environment variables), waiting for ``/healthz``, capturing stdout+stderr to a log file,
+and stopping it (SIGTERM, then SIGKILL) or killing it. Used by the integration tests and by the
+multi-node cluster tests::
+
+    with GatewayProcess({"redis_url": url, "node_id": "a"}) as gw:
+        ... gw.ws_url, gw.url, gw.port, gw.log_text() ...
+        gw.kill()                      # SIGKILL, e.g. a node crash
+
+Every process gets its own working directory (``workdir``, a temp dir by default) holding its log and,
+unless ``database_url`` is given, a fresh SQLite database migrated with ``chat-gateway migrate``
+first. The parent's ``GATEWAY_*`` variables are not inherited: only ``settings`` and ``env`` count.
+:func:`run_cli` runs any other ``chat-gateway`` command and returns its result.
+
+Must not import the gateway package (it tests the installed binary from the outside).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+REPO = Path(__file__).resolve().parents[2]
+BINARY = REPO / ".venv" / "bin" / "chat-gateway"
+WS_PATH = "/ws-stomp/websocket"
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago (bind port 0, read it, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+
+
+def http_request(url: str, data: bytes | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+    """GET (or POST form ``data``) ``url`` directly, ignoring *_proxy variables; (status, body).
+    HTTP error statuses are returned, not raised."""
+    try:
+        with _OPENER.open(url, data=data, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _flag_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple | list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    base["PYTHONUNBUFFERED"] = "1"
+    base.update(env or {})
+    return base
+
+
+def run_cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``chat-gateway <args>`` to completion (stdout/stderr captured as text)."""
+    return subprocess.run([str(BINARY), *args], env=_child_env(env), cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+class GatewayProcess:
+    """One ``chat-gateway serve`` process. See the module docstring."""
+
+    def __init__(self, settings: Mapping[str, Any] | None = None, *, env: Mapping[str, str] | None = None,
+                 port: int | None = None, workdir: Path | None = None, migrate: bool | None = None,
+                 args: Sequence[str] = ()) -> None:
+        self.settings = dict(settings or {})
+        given = self.settings.pop("port", None)
+        self.port = port or int(given or 0) or free_port()
+        self.settings.setdefault("host", "127.0.0.1")
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="gateway-")
+            workdir = Path(self._tmp.name)
+        self.workdir = workdir
+        self.env = dict(env or {})
+        if "database_url" not in self.settings and "GATEWAY_DATABASE_URL" not in self.env:
+            self.settings["database_url"] = f"sqlite+aiosqlite:///{workdir / 'gateway.db'}"
+            migrate = True if migrate is None else migrate
+        self.migrate = bool(migrate)
+        self.extra_args = list(args)
+        self.log_path = workdir / "gateway.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    # --- addresses ---------------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return str(self.settings["host"])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}{WS_PATH}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll() if self.process else None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def command(self) -> list[str]:
+        argv = [str(BINARY), "serve", "--port", str(self.port)]
+        for name, value in self.settings.items():
+            argv += ["--" + name.replace("_", "-"), _flag_value(value)]
+        return argv + self.extra_args
+
+    def log_text(self) -> str:
+        if self._log is not None:
+            self._log.flush()
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0, *, wait: bool = True) -> GatewayProcess:
+        """Start the process; with ``wait``, return once ``/healthz`` answers 200."""
+        if self.migrate:
+            result = run_cli("migrate", "--database-url", str(self.settings["database_url"]), env=self.env,
+                             cwd=self.workdir)
+            if result.returncode != 0:
+                raise RuntimeError(f"chat-gateway migrate failed:\n{result.stdout}{result.stderr}")
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
+                                        env=_child_env(self.env), cwd=self.workdir, start_new_session=True)
+        if wait:
+            self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float = 30.0, path: str = "/healthz") -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.running:
+                raise RuntimeError(f"gateway exited with {self.returncode} before serving:\n{self.log_text()}")
+            try:
+                if http_request(self.url + path, timeout=2)[0] == 200:
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gateway did not answer {path} within {timeout} s:\n{self.log_text()}")
+            time.sleep(0.05)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait for ``/readyz`` 200 (broker connected, startup done)."""
+        self.wait_healthy(timeout, "/readyz")
+
+    def signal(self, signum: int) -> None:
+        if self.running:
+            assert self.process is not None
+            self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM (graceful drain), then SIGKILL after ``timeout``; returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._close_log()
+        return self.process.returncode
+
+    def kill(self) -> int | None:
+        """SIGKILL now (a crash: no drain)."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self._close_log()
+        return self.process.returncode
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def cleanup(self) -> None:
+        """Stop if needed and remove the temp working directory (if this object made it)."""
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> GatewayProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
