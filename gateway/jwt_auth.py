@@ -18,9 +18,10 @@ import base64
 import binascii
 import logging
 import time
-import uuid
+import warnings
 
 import jwt
+from jwt.warnings import InsecureKeyLengthWarning
 
 from gateway.stomp.frames import Frame
 from gateway.stomp.session import AuthenticationFailed, Authenticator
@@ -76,6 +77,10 @@ def mint_token(user: str, key: bytes, *, ttl_s: int = 3600, now: float | None = 
 
 def jwt_authenticator(secret: str) -> Authenticator:
     key = key_from_secret(secret)
+    if len(key) < 32:
+        # Spring deployments often use short secrets; say so once instead of once per CONNECT.
+        log.warning("jwt_secret decodes to %d bytes; HS256 keys should be at least 32 bytes", len(key))
+        warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
 
     def authenticate(frame: Frame) -> str | None:
         token = token_from_headers(frame)
@@ -88,7 +93,3 @@ def jwt_authenticator(secret: str) -> Authenticator:
             log.info("CONNECT rejected: %s", exc)
             raise
     return authenticate
-
-
-def anonymous_name() -> str:
-    return f"guest-{uuid.uuid4().hex[:6]}"

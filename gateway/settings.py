@@ -12,6 +12,8 @@ This module imports nothing from the rest of the gateway.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import os
 import socket
 import uuid
@@ -181,6 +183,13 @@ class Settings:
                     raise SettingsError(f"users entry {pair!r} is not login:passcode")
         if self.auth == "jwt" and not self.jwt_secret:
             raise SettingsError("jwt_secret is required when auth=jwt")
+        if self.jwt_secret:
+            cleaned = "".join(self.jwt_secret.split())
+            try:
+                base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), altchars=b"-_" if "-" in cleaned or "_" in cleaned else None,
+                                 validate=True)
+            except (binascii.Error, ValueError):
+                raise SettingsError("jwt_secret must be Base64 (jjwt 0.9 reads String secrets as Base64)") from None
         if self.redis_channel_mode not in {"room", "single"}:
             raise SettingsError(f"redis_channel_mode must be room or single (got {self.redis_channel_mode!r})")
         if self.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
