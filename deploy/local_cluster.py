@@ -103,7 +103,8 @@ def local_nginx_conf(template: str, *, listen: str, upstreams: Sequence[str], pr
     """``deploy/nginx.conf`` for this machine: only the machine-specific directives are rewritten.
 
     ``listen`` -> ``listen``; the upstream ``chat_gateway``'s ``server`` lines -> one per address in
-    ``upstreams`` (keeping their parameters); logs, pid and temp paths -> under ``prefix``;
+    ``upstreams`` (keeping their parameters); log files (keeping level and format), pid and temp
+    paths -> under ``prefix``;
     ``worker_processes`` -> ``workers``. Raises ValueError when the template lacks one of them, so a
     change to deploy/nginx.conf that the local cluster would silently not follow fails loudly.
     """
@@ -119,11 +120,10 @@ def local_nginx_conf(template: str, *, listen: str, upstreams: Sequence[str], pr
         if directive == "worker_processes":
             out.append(f"{indent}worker_processes {workers};")
             continue
-        if directive == "error_log":
-            out.append(f"{indent}error_log {prefix}/logs/error.log warn;")
-            continue
-        if directive == "access_log":
-            out.append(f"{indent}access_log {prefix}/logs/access.log;")
+        if directive in ("error_log", "access_log"):
+            args = stripped.rstrip(";").split()[2:]  # keep the level / format, move the file
+            name = "error.log" if directive == "error_log" else "access.log"
+            out.append(f"{indent}{directive} {' '.join([f'{prefix}/logs/{name}', *args])};")
             continue
         if directive == "listen":
             seen["listen"] += 1
@@ -220,6 +220,11 @@ class LocalCluster:
     def prefix(self) -> Path:
         assert self.workdir is not None
         return self.workdir / "nginx"
+
+    @property
+    def access_log(self) -> Path:
+        """nginx's access log: one line per request with ``upstream=<node address> sockjs=<session>``."""
+        return self.prefix / "logs" / "access.log"
 
     def describe(self) -> dict[str, Any]:
         return {"url": self.url, "pid": os.getpid(), "workdir": str(self.workdir), "redis_url": self.redis_url,
