@@ -55,6 +55,18 @@ def unescape(text: str) -> str:
     return "".join(out)
 
 
+def _raw_receipt(lines: list[str]) -> str | None:
+    """The first ``receipt`` header of a frame being rejected, for the ERROR's ``receipt-id``."""
+    for line in lines:
+        if line.startswith("receipt:"):
+            value = line[len("receipt:"):].removesuffix("\r")
+            try:
+                return unescape(value)
+            except InvalidEscape:
+                return value
+    return None
+
+
 class FrameParser:
     """Incremental STOMP frame parser.
 
@@ -195,7 +207,7 @@ class FrameParser:
         command = lines[0].removesuffix("\r") if lines else ""
         if command not in self.commands:
             shown = command if len(command) <= 32 else command[:32] + "..."
-            raise ProtocolError(f"Unknown STOMP command {shown!r}")
+            raise ProtocolError(f"Unknown STOMP command {shown!r}", receipt_id=_raw_receipt(lines[1:]))
         # Whole-block checks let the common frame (no backslash, no CR) skip the per-header work.
         unescaping = self.unescape_headers and command not in UNESCAPED_COMMANDS and "\\" in text
         crlf = "\r" in text
@@ -220,7 +232,8 @@ class FrameParser:
                 break
         header_bytes = header_end - self._pos
         if content_length is not None and header_bytes + content_length + 1 > self.max_frame_bytes:
-            raise FrameTooLarge(f"The frame exceeds the limit of {self.max_frame_bytes} bytes")
+            raise FrameTooLarge(f"The frame exceeds the limit of {self.max_frame_bytes} bytes",
+                                receipt_id=next((v for k, v in headers if k == "receipt"), None))
         self._pending = (command, tuple(headers), header_end - self._pos, content_length)
 
     def _take_body(self) -> Frame | None:
