@@ -326,12 +326,21 @@ def test_error_bytes_exactly() -> None:
     assert out_bytes(session) == b"ERROR\nmessage:SEND frame received before CONNECT\ncontent-length:0\n\n\x00"
 
 
-def test_unknown_command_is_an_error() -> None:
+def test_unknown_command_is_an_error_with_receipt_id() -> None:
     session = connected()
-    events = session.receive_data(b"HELLO\nreceipt:r\n\n\x00", 0.0)
+    events = session.receive_data(b"HELLO\nx:y\nreceipt:r\\c1\nreceipt:second\n\n\x00", 0.0)
     assert close_of(events).code == 1002
     (error,) = out(session)
     assert error.command == "ERROR" and "Unknown STOMP command 'HELLO'" in (error.get("message") or "")
+    assert error.get("receipt-id") == "r:1"          # the first receipt header, unescaped
+
+
+def test_oversized_declared_body_is_an_error_with_receipt_id() -> None:
+    session = connected(max_frame_bytes=1024)
+    events = session.receive_data(b"SEND\ndestination:/pub/x\nreceipt:big\ncontent-length:5000\n\n", 0.0)
+    assert close_of(events).code == 1002              # refused before the body is buffered
+    (error,) = out(session)
+    assert "1024" in (error.get("message") or "") and error.get("receipt-id") == "big"
 
 
 @pytest.mark.parametrize(("command", "headers", "missing"), [
