@@ -309,3 +309,59 @@ async def test_any_origin_with_star(gateway_server: ServerFactory) -> None:
     server = gateway_server(allowed_origins=("*",))
     assert not await _rejected(server.ws_url, "http://evil.example")
     assert not await _rejected(server.ws_url, "null")
+
+
+# -- receipts and broker sends on the wire -------------------------------------------------
+
+
+async def test_receipt_for_every_client_frame_in_order(gateway_server: ServerFactory) -> None:
+    server = gateway_server()
+    client = await WsStompClient.open(server.ws_url)
+    await client.send_frame("CONNECT", {"accept-version": "1.2", "receipt": "r-connect"})
+    assert (await client.next_frame()).command == "CONNECTED"
+    assert (await client.next_frame()).get("receipt-id") == "r-connect"
+    await client.send_frame("SUBSCRIBE", {"id": "0", "destination": "/sub/echo", "ack": "client-individual",
+                                          "receipt": "r-subscribe"})
+    assert (await client.next_frame()).get("receipt-id") == "r-subscribe"
+    await client.send_frame("SEND", {"destination": "/pub/echo", "receipt": "r-send"}, "a")
+    await client.send_frame("SEND", {"destination": "/pub/echo"}, "b")
+    first, receipt, second = [await client.next_frame() for _ in range(3)]
+    assert (first.command, receipt.get("receipt-id"), second.command) == ("MESSAGE", "r-send", "MESSAGE")
+    frames = [
+        ("ACK", {"id": first.get("ack") or "", "receipt": "r-ack"}),
+        ("NACK", {"id": second.get("ack") or "", "receipt": "r-nack"}),
+        ("BEGIN", {"transaction": "t", "receipt": "r-begin"}),
+        ("COMMIT", {"transaction": "t", "receipt": "r-commit"}),
+        ("BEGIN", {"transaction": "t2", "receipt": "r-begin2"}),
+        ("ABORT", {"transaction": "t2", "receipt": "r-abort"}),
+        ("UNSUBSCRIBE", {"id": "0", "receipt": "r-unsubscribe"}),
+        ("DISCONNECT", {"receipt": "r-disconnect"}),
+    ]
+    for command, headers in frames:
+        await client.send_frame(command, headers)
+    got = [(await client.next_frame()) for _ in frames]
+    assert [f.command for f in got] == ["RECEIPT"] * len(frames)
+    assert [f.get("receipt-id") for f in got] == [h["receipt"] for _, h in frames]
+    assert (await client.closed())[0] == 1000
+
+
+async def test_broker_send_when_allowed_reaches_others_without_credentials(gateway_server: ServerFactory) -> None:
+    server = gateway_server(allow_client_broker_send=True)
+    reader = await WsStompClient.open(server.ws_url)
+    await reader.connect()
+    await reader.subscribe("/sub/chat/room/*", "0")
+    writer = await WsStompClient.open(server.ws_url)
+    await writer.connect({"login": "mallory", "passcode": "pw"})
+    await writer.send_frame("SEND", [("destination", "/sub/chat/room/7"), ("content-type", "text/plain"),
+                                     ("token", "jwt-secret"), ("Authorization", "Bearer jwt-secret"),
+                                     ("login", "mallory"), ("passcode", "pw"), ("x-trace", "t-1"),
+                                     ("receipt", "sent")], "direct")
+    assert (await writer.next_frame()).get("receipt-id") == "sent"
+    message = await reader.next_frame()
+    assert message.body == b"direct" and message.get("destination") == "/sub/chat/room/7"
+    assert message.get("content-type") == "text/plain" and message.get("x-trace") == "t-1"
+    assert b"jwt-secret" not in reader.messages[-1].encode() and b"pw" not in reader.messages[-1].encode()
+    for name in ("token", "Authorization", "login", "passcode", "receipt"):
+        assert name not in message
+    await reader.close()
+    await writer.close()
