@@ -201,7 +201,7 @@ def test_page_works_over_a_forced_sockjs_fallback(contexts: Callable[..., Browse
     page = ctx.new_page()
     sockets: list[WebSocket] = []
     paths: list[str] = []
-    page.on("websocket", sockets.append)
+    page.on("websocket", lambda socket: sockets.append(socket))
     page.on("request", lambda request: paths.append(request.url))
     page.goto(room_url(cluster, room_id, f"transports={transport}"))
     fallback = ChatPage(page, [])
