@@ -261,19 +261,21 @@ class RedisBroker:
         delays = backoff_delays(self.reconnect_min_s, self.reconnect_max_s)
         while True:
             link: _Link | None = None
+            connected = False
             try:
                 conn = self._new_pubsub_connection()
                 link = _Link(conn)
                 async with asyncio.timeout(self.timeout_s):
                     await conn.connect()  # type: ignore[no-untyped-call]
+                connected = True
                 self.connections += 1
                 log.info("node %s: Redis pub/sub connected to %s", self.node_id, self._where())
                 await self._run(link)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("node %s: Redis pub/sub connection to %s lost: %s: %s",
-                            self.node_id, self._where(), type(exc).__name__, exc)
+                log.warning("node %s: Redis pub/sub connection to %s %s: %s: %s", self.node_id, self._where(),
+                            "lost" if connected else "failed", type(exc).__name__, exc)
             finally:
                 if link is not None:
                     self._link = None
