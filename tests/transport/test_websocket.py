@@ -262,11 +262,11 @@ async def test_silent_client_is_closed_after_the_grace(gateway_server: ServerFac
 
 
 async def test_beating_client_stays_connected(gateway_server: ServerFactory) -> None:
-    server = gateway_server(heartbeat_receive_ms=100, heartbeat_grace=2.0)
+    server = gateway_server(heartbeat_receive_ms=200, heartbeat_grace=3.0)
     client = await WsStompClient.open(server.ws_url)
-    await client.connect({"heart-beat": "100,0"})
+    await client.connect({"heart-beat": "200,0"})
     await client.subscribe("/sub/echo", "0")
-    for _ in range(10):                                 # 1 s: five times the grace period
+    for _ in range(12):                                 # 1.2 s: twice the 600 ms a silent client gets
         await client.send("\n")
         await asyncio.sleep(0.1)
     await client.send_frame("SEND", {"destination": "/pub/echo"}, "still here")
