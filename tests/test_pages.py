@@ -291,3 +291,11 @@ def test_anonymous_guest_name_becomes_the_stomp_user(client: TestClient) -> None
     reply = _stomp_connect(client, {"login": name})
     assert f"\nuser-name:{name}\n" in reply
 
+
+
+def test_readme_shows_the_committed_room_screenshot() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert "](docs/screenshot-room.png)" in readme
+    assert "deploy/local-cluster start" in readme
+    png = (REPO / "docs" / "screenshot-room.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
