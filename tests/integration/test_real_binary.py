@@ -94,3 +94,14 @@ def test_sigterm_stops_the_gateway_cleanly() -> None:
         assert "Application shutdown complete" in log and "Traceback" not in log
     finally:
         process.cleanup()
+
+
+def test_kill_is_a_crash_without_drain() -> None:
+    process = GatewayProcess().start()
+    try:
+        assert process.running and process.pid is not None
+        assert process.kill() == -signal.SIGKILL
+        assert not process.running
+        assert "Application shutdown complete" not in process.log_text()
+    finally:
+        process.cleanup()
