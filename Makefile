@@ -62,7 +62,7 @@ lint: install-test
 	$(BIN)/mypy
 
 bench: install-test node-deps
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules chat-gateway.db .pytest_cache .mypy_cache .ruff_cache

@@ -1,10 +1,11 @@
-"""The processes a benchmark drives: gateway nodes, a private redis-server, the RabbitMQ peer.
+"""The processes a benchmark drives: gateway nodes, a private redis-server, the RabbitMQ peer, databases.
 
 Owns: starting ``chat-gateway`` (``migrate`` then ``serve``) as a child process on a free loopback
 port and stopping it; bringing RabbitMQ up with the Web-STOMP plugin (``rabbitmq-server -detached``
 after raising the open-files limit, ``rabbitmq-plugins enable rabbitmq_web_stomp``; both idempotent,
 root needed) or explaining why the peer is unavailable; reading a process's CPU time from /proc;
-describing the machine.
+describing the machine; the chat scenarios' databases (a SQLite file, or a throw-away database on
+the local PostgreSQL server, created and dropped here).
 
 Only 127.0.0.1 is ever bound or contacted. Imports nothing from the gateway (it runs as a child
 process) and only ``tests.support.redis_server`` from the test tree.
@@ -34,7 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 RABBIT_WEB_STOMP_PORT = 15674
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
-__all__ = ["HOST", "GatewayNode", "PeerUnavailable", "RabbitPeer", "RedisServer", "RedisServerMissing",
+__all__ = ["HOST", "GatewayNode", "PeerUnavailable", "PostgresDatabase", "RabbitPeer", "RedisServer",
+           "RedisServerMissing", "SqliteDatabase",
            "cpu_seconds", "free_port", "machine_busy_seconds",
            "machine_info"]
 
@@ -79,6 +81,7 @@ class GatewayNode:
     redis_url: str | None = None
     allow_client_broker_send: bool = True
     extra_args: tuple[str, ...] = ()
+    tree: Path = REPO              # the checkout whose ``gateway`` package runs (``-m`` puts cwd first)
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
@@ -112,7 +115,7 @@ class GatewayNode:
         self.log_path = log_dir / f"gateway-{self.port}.log"
         log = self.log_path.open("wb")
         self._log = log
-        self.process = subprocess.Popen(args, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+        self.process = subprocess.Popen(args, cwd=self.tree, stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -245,3 +248,83 @@ def machine_info() -> dict[str, object]:
         "packages": packages,
         "redis_server": redis_version,
     }
+
+
+# --- databases of the chat scenarios ---------------------------------------------------------------
+
+POSTGRES_ADMIN_URL = os.environ.get("GATEWAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@dataclass
+class SqliteDatabase:
+    """A SQLite file in the benchmark's temporary directory."""
+
+    path: Path
+    kind: str = "sqlite"
+
+    @property
+    def url(self) -> str:
+        return f"sqlite+aiosqlite:///{self.path}"
+
+    async def setup(self) -> SqliteDatabase:
+        GatewayNode.migrate(self.url)
+        return self
+
+    async def talk_rows(self, room_id: str) -> int:
+        import sqlite3
+        with contextlib.closing(sqlite3.connect(self.path, timeout=30)) as db:
+            row = db.execute("SELECT count(*) FROM messages WHERE room_id = ? AND type = 'TALK'",
+                             (room_id,)).fetchone()
+        return int(row[0])
+
+    async def drop(self) -> None:
+        return None
+
+
+@dataclass
+class PostgresDatabase:
+    """A throw-away database on the local PostgreSQL server (loopback only), dropped afterwards."""
+
+    name: str
+    kind: str = "postgresql"
+
+    def _plain_url(self, database: str) -> str:
+        base, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
+        return f"{base}/{database}"
+
+    @property
+    def url(self) -> str:
+        return self._plain_url(self.name).replace("postgresql://", "postgresql+asyncpg://", 1)
+
+    async def setup(self) -> PostgresDatabase:
+        """CREATE DATABASE and migrate; raises PeerUnavailable-like RuntimeError if unreachable."""
+        import asyncpg  # type: ignore[import-untyped]
+        host = POSTGRES_ADMIN_URL.split("@")[-1].split("/")[0].rsplit(":", 1)[0]
+        if host not in ("127.0.0.1", "localhost", "[::1]"):
+            raise RuntimeError(f"PostgreSQL at {host} is not on the loopback interface")
+        conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+        try:
+            await conn.execute(f'CREATE DATABASE "{self.name}"')
+        finally:
+            await conn.close()
+        GatewayNode.migrate(self.url)
+        return self
+
+    async def talk_rows(self, room_id: str) -> int:
+        import asyncpg  # type: ignore[import-untyped]
+        conn = await asyncpg.connect(self._plain_url(self.name), timeout=10)
+        try:
+            value = await conn.fetchval("SELECT count(*) FROM messages WHERE room_id = $1 AND type = 'TALK'",
+                                        room_id)
+        finally:
+            await conn.close()
+        return int(value)
+
+    async def drop(self) -> None:
+        import asyncpg  # type: ignore[import-untyped]
+        with contextlib.suppress(Exception):
+            conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+            try:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+            finally:
+                await conn.close()

@@ -12,8 +12,9 @@ Scenarios compared with the peer (same client code, same sizes, same run):
 4. ``connection_rate``   WebSocket + CONNECT/CONNECTED + DISCONNECT sessions, 10 at a time.
 
 Gateway only (no peer equivalent): ``chat_sqlite`` (SEND /pub/chat/message, persisted with group
-commit, then fanned out), ``chat_redis_2nodes`` (the same across two gateway processes sharing a
-private redis-server and the SQLite file) and ``fanout_redis_2nodes`` (scenario 1 through Redis).
+commit, then fanned out), ``chat_redis_2nodes_sqlite`` and ``chat_redis_2nodes_postgres`` (the same
+across two gateway processes sharing a private redis-server and one database) and
+``fanout_redis_2nodes`` (scenario 1 through Redis, subscribers on both nodes).
 
 The gateway runs as child processes on free loopback ports; RabbitMQ is started and its plugin
 enabled by :class:`bench.procs.RabbitPeer` (needs root), or the peer is skipped with a message.
@@ -23,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import sqlite3
+import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,9 +39,11 @@ from typing import Any
 from bench.procs import (
     GatewayNode,
     PeerUnavailable,
+    PostgresDatabase,
     RabbitPeer,
     RedisServer,
     RedisServerMissing,
+    SqliteDatabase,
     machine_info,
 )
 from bench.scenarios import (
@@ -80,12 +83,20 @@ class Plan:
     time_limit_s: float
 
 
-FULL = Plan(runs=3, fanout_messages=3000, paced_rate=100.0, paced_seconds=4.0, many_per_publisher=200,
+FULL = Plan(runs=3, fanout_messages=3000, paced_rate=20.0, paced_seconds=5.0, many_per_publisher=200,
             connections=1000, chat_per_publisher=150, redis_fanout_messages=2000, time_limit_s=90.0)
-QUICK = Plan(runs=1, fanout_messages=1000, paced_rate=100.0, paced_seconds=2.0, many_per_publisher=50,
+QUICK = Plan(runs=1, fanout_messages=1000, paced_rate=20.0, paced_seconds=3.0, many_per_publisher=50,
              connections=300, chat_per_publisher=40, redis_fanout_messages=500, time_limit_s=40.0)
 
 Runner = Callable[[Endpoint, str], Awaitable[Result]]
+
+_tree: list[Path] = []  # --gateway-tree: another checkout's gateway package to benchmark
+
+
+def gateway_node(database_url: str, **kwargs: Any) -> GatewayNode:
+    if _tree:
+        kwargs["tree"] = _tree[0]
+    return GatewayNode(database_url, **kwargs)
 
 
 def comparative_scenarios(plan: Plan) -> list[tuple[str, str, str, Runner]]:
@@ -115,12 +126,20 @@ def comparative_scenarios(plan: Plan) -> list[tuple[str, str, str, Runner]]:
 
 
 def summarize(kind: str, runs: dict[str, list[Result]]) -> dict[str, Any]:
+    """Medians per system; the ratio of the medians; and the median of the per-run ratios (run i of
+    the gateway against run i of the peer, measured back to back, so slow drift cancels out)."""
     medians = {system: median_of_runs(results) for system, results in runs.items()}
     out: dict[str, Any] = {"median": medians}
     if "gateway" in medians and "rabbitmq" in medians:
         out["ratio_gateway_over_peer"] = {
             key: ratio(medians["gateway"].get(key), medians["rabbitmq"].get(key))
             for key, _ in COMPARED[kind]}
+        paired: dict[str, float | None] = {}
+        for key, _ in COMPARED[kind]:
+            ratios = [r for g, p in zip(runs["gateway"], runs["rabbitmq"], strict=True)
+                      if (r := ratio(g.get(key), p.get(key))) is not None]
+            paired[key] = round(statistics.median(ratios), 3) if ratios else None
+        out["paired_ratio_median"] = paired
     return out
 
 
@@ -155,14 +174,10 @@ async def run_comparative(plan: Plan, endpoints: dict[str, Endpoint], only: set[
     return results
 
 
-def _talk_rows(db_path: Path, room_id: str) -> int:
-    with contextlib.closing(sqlite3.connect(db_path, timeout=30)) as db:
-        row = db.execute("SELECT count(*) FROM messages WHERE room_id = ? AND type = 'TALK'",
-                         (room_id,)).fetchone()
-    return int(row[0])
+Database = SqliteDatabase | PostgresDatabase
 
 
-async def chat_run(nodes: list[GatewayNode], db_path: Path, *, publishers: int, subscribers: int,
+async def chat_run(nodes: list[GatewayNode], database: Database, *, publishers: int, subscribers: int,
                    per_publisher: int, window: int, time_limit_s: float, tag: str) -> Result:
     room_id = nodes[0].create_room(f"bench-{tag}")
     endpoint = Endpoint("gateway", [n.ws_url for n in nodes], "bench", "", "/", "/sub/chat/room/",
@@ -174,43 +189,54 @@ async def chat_run(nodes: list[GatewayNode], db_path: Path, *, publishers: int, 
                               send_destination="/pub/chat/message")
     # Each message is one SEND -> one commit (shared) -> one publication; messages_per_s is the rate
     # of messages persisted *and* delivered to every subscriber.
-    result["persisted_talk_rows"] = _talk_rows(db_path, room_id)
+    result["persisted_talk_rows"] = await database.talk_rows(room_id)
     if result["persisted_talk_rows"] != result["messages_sent"] and result.get("failure") is None:
         result["failure"] = f"{result['persisted_talk_rows']} rows stored for {result['messages_sent']} sent"
     return result
 
 
+def _gateway_only_entry(description: str, runs: list[Result]) -> dict[str, Any]:
+    return {"description": description, "kind": "pubsub", "runs": {"gateway": runs},
+            "median": {"gateway": median_of_runs(runs)}}
+
+
 async def run_gateway_only(plan: Plan, workdir: Path, only: set[str] | None,
                            log: Callable[[str], None]) -> dict[str, Any]:
+    """The chat path (SQLite; Redis + 2 nodes on SQLite and on PostgreSQL) and fan-out through Redis."""
     results: dict[str, Any] = {}
 
-    async def chat(nodes: list[GatewayNode], db_path: Path, tag: str) -> Result:
-        return await chat_run(nodes, db_path, publishers=10, subscribers=5, per_publisher=plan.chat_per_publisher,
-                              window=4, time_limit_s=plan.time_limit_s, tag=tag)
+    def wanted(name: str) -> bool:
+        return only is None or name in only
 
     chat_text = (f"10 publishers x {plan.chat_per_publisher} SEND /pub/chat/message (persisted, group commit) "
                  "-> 5 subscribers of the room, window 4 per publisher")
 
-    if only is None or "chat_sqlite" in only:
-        db_path = workdir / "chat.db"
-        url = f"sqlite+aiosqlite:///{db_path}"
-        GatewayNode.migrate(url)
-        node = GatewayNode(url, allow_client_broker_send=False).start(workdir)
-        log(f"chat_sqlite: {chat_text}; one gateway process, SQLite")
+    async def chat_scenario(name: str, description: str, database: Database, redis_url: str | None,
+                            node_count: int) -> None:
+        log(f"{name}: {description}")
+        nodes: list[GatewayNode] = []
         runs: list[Result] = []
         try:
+            for _ in range(node_count):
+                nodes.append(gateway_node(database.url, redis_url=redis_url,
+                                          allow_client_broker_send=False).start(workdir))
             for run in range(plan.runs):
-                result = await chat([node], db_path, f"sqlite-{run}")
+                result = await chat_run(nodes, database, publishers=10, subscribers=5,
+                                        per_publisher=plan.chat_per_publisher, window=4,
+                                        time_limit_s=plan.time_limit_s, tag=f"{name}-{run}")
                 runs.append(result)
-                log(_line("chat_sqlite", "gateway", run, result))
+                log(_line(name, "gateway", run, result))
         finally:
-            node.stop()
-        results["chat_sqlite"] = {"description": chat_text + "; one gateway process, SQLite (WAL)",
-                                  "kind": "pubsub", "runs": {"gateway": runs},
-                                  "median": {"gateway": median_of_runs(runs)}}
+            for node in nodes:
+                node.stop()
+        results[name] = _gateway_only_entry(description, runs)
 
-    wants_redis = only is None or bool({"chat_redis_2nodes", "fanout_redis_2nodes"} & only)
-    if not wants_redis:
+    if wanted("chat_sqlite"):
+        database = await SqliteDatabase(workdir / "chat.db").setup()
+        await chat_scenario("chat_sqlite", f"{chat_text}; one gateway process, SQLite (WAL)", database, None, 1)
+
+    redis_names = {"chat_redis_2nodes_sqlite", "chat_redis_2nodes_postgres", "fanout_redis_2nodes"}
+    if only is not None and not redis_names & only:
         return results
     redis = RedisServer()
     try:
@@ -219,44 +245,52 @@ async def run_gateway_only(plan: Plan, workdir: Path, only: set[str] | None,
         log(f"Redis scenarios skipped: {exc}")
         results["redis_skipped"] = str(exc)
         return results
-    db_path = workdir / "chat-redis.db"
-    url = f"sqlite+aiosqlite:///{db_path}"
-    GatewayNode.migrate(url)
-    nodes: list[GatewayNode] = []
     try:
-        for _ in range(2):
-            nodes.append(GatewayNode(url, redis_url=redis.url, allow_client_broker_send=True).start(workdir))
-        if only is None or "chat_redis_2nodes" in only:
-            log(f"chat_redis_2nodes: {chat_text}; 2 gateway processes, private redis-server, shared SQLite; "
-                "publishers and subscribers alternate between the nodes")
-            runs = []
-            for run in range(plan.runs):
-                result = await chat(nodes, db_path, f"redis-{run}")
-                runs.append(result)
-                log(_line("chat_redis_2nodes", "gateway", run, result))
-            results["chat_redis_2nodes"] = {
-                "description": chat_text + "; 2 gateway processes sharing a private redis-server and one "
-                "SQLite file (WAL); clients alternate between the nodes",
-                "kind": "pubsub", "runs": {"gateway": runs}, "median": {"gateway": median_of_runs(runs)}}
-        if only is None or "fanout_redis_2nodes" in only:
+        two_nodes = ("2 gateway processes sharing a private redis-server; publishers and subscribers "
+                     "alternate between the nodes")
+        sqlite_db = await SqliteDatabase(workdir / "chat-redis.db").setup()
+        if wanted("chat_redis_2nodes_sqlite"):
+            await chat_scenario("chat_redis_2nodes_sqlite", f"{chat_text}; {two_nodes}; one shared SQLite file",
+                                sqlite_db, redis.url, 2)
+        if wanted("chat_redis_2nodes_postgres"):
+            postgres = PostgresDatabase(f"chatgw_bench_{uuid.uuid4().hex[:10]}")
+            try:
+                await postgres.setup()
+            except Exception as exc:
+                message = f"chat_redis_2nodes_postgres skipped: PostgreSQL unavailable ({type(exc).__name__}: {exc})"
+                log(message)
+                results["postgres_skipped"] = message
+            else:
+                try:
+                    await chat_scenario("chat_redis_2nodes_postgres",
+                                        f"{chat_text}; {two_nodes}; PostgreSQL on 127.0.0.1", postgres, redis.url, 2)
+                finally:
+                    await postgres.drop()
+        if wanted("fanout_redis_2nodes"):
             text = (f"1 publisher (node A) -> 50 subscribers (25 per node), {plan.redis_fanout_messages} "
                     f"messages of {PAYLOAD_BYTES} B to /sub/bench/..., window 16, through Redis pub/sub")
             log(f"fanout_redis_2nodes: {text}")
-            endpoint = Endpoint("gateway", [n.ws_url for n in nodes], "bench", "", "/", "/sub/bench/",
-                                [n.pid for n in nodes], named_logins=True)
-            runs = []
-            for run in range(plan.runs):
-                result = await pubsub_run(endpoint, destination=f"/sub/bench/redis-fanout-{run}", publishers=1,
-                                          subscribers=50, per_publisher=plan.redis_fanout_messages, window=16,
-                                          make_body=plain_body(PAYLOAD_BYTES), decode=plain_decoder,
-                                          time_limit_s=plan.time_limit_s)
-                runs.append(result)
-                log(_line("fanout_redis_2nodes", "gateway", run, result))
-            results["fanout_redis_2nodes"] = {"description": text, "kind": "pubsub", "runs": {"gateway": runs},
-                                              "median": {"gateway": median_of_runs(runs)}}
+            nodes: list[GatewayNode] = []
+            runs: list[Result] = []
+            try:
+                for _ in range(2):
+                    nodes.append(gateway_node(sqlite_db.url, redis_url=redis.url,
+                                              allow_client_broker_send=True).start(workdir))
+                endpoint = Endpoint("gateway", [n.ws_url for n in nodes], "bench", "", "/", "/sub/bench/",
+                                    [n.pid for n in nodes], named_logins=True)
+                for run in range(plan.runs):
+                    result = await pubsub_run(endpoint, destination=f"/sub/bench/redis-fanout-{run}",
+                                              publishers=1, subscribers=50,
+                                              per_publisher=plan.redis_fanout_messages, window=16,
+                                              make_body=plain_body(PAYLOAD_BYTES), decode=plain_decoder,
+                                              time_limit_s=plan.time_limit_s)
+                    runs.append(result)
+                    log(_line("fanout_redis_2nodes", "gateway", run, result))
+            finally:
+                for node in nodes:
+                    node.stop()
+            results["fanout_redis_2nodes"] = _gateway_only_entry(text, runs)
     finally:
-        for node in nodes:
-            node.stop()
         redis.close()
     return results
 
@@ -271,14 +305,16 @@ def _fmt(value: object) -> str:
 
 def markdown_tables(report: dict[str, Any]) -> str:
     """The tables docs/benchmarks.md shows, generated from one report."""
-    lines = ["| scenario | figure | gateway | RabbitMQ | gateway / RabbitMQ |", "|---|---|---|---|---|"]
+    lines = ["| scenario | figure | gateway | RabbitMQ | ratio of medians | median of paired ratios |",
+             "|---|---|---|---|---|---|"]
     for name, data in report["scenarios"].items():
         if not isinstance(data, dict) or "rabbitmq" not in data.get("median", {}):
             continue
         gw, peer = data["median"]["gateway"], data["median"]["rabbitmq"]
         for key, _ in COMPARED[data["kind"]]:
             lines.append(f"| {name} | {key} | {_fmt(gw.get(key))} | {_fmt(peer.get(key))} | "
-                         f"{_fmt(data['ratio_gateway_over_peer'].get(key))} |")
+                         f"{_fmt(data['ratio_gateway_over_peer'].get(key))} | "
+                         f"{_fmt(data['paired_ratio_median'].get(key))} |")
     lines += ["", "| gateway-only scenario | messages/s | deliveries/s | p50 ms | p99 ms | server CPU µs/delivery |",
               "|---|---|---|---|---|---|"]
     for name, data in report["scenarios"].items():
@@ -306,6 +342,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "mode": "quick" if args.quick else "full",
         "started_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "plan": plan.__dict__,
+        "gateway_tree": str(_tree[0]) if _tree else "this checkout",
         "machine": machine_info(),
         "notes": [],
     }
@@ -324,7 +361,7 @@ async def main_async(args: argparse.Namespace) -> int:
         workdir = Path(tmp)
         url = f"sqlite+aiosqlite:///{workdir / 'pubsub.db'}"
         GatewayNode.migrate(url)
-        gateway = GatewayNode(url, allow_client_broker_send=True).start(workdir)
+        gateway = gateway_node(url, allow_client_broker_send=True).start(workdir)
         try:
             endpoints = {"gateway": Endpoint("gateway", [gateway.ws_url], "bench", "", "/", "/sub/bench/",
                                              [gateway.pid], named_logins=True)}
@@ -360,8 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=0, help="runs per scenario and system (default 3, quick 1)")
     parser.add_argument("--only", default="", help="comma list of scenario names to run")
     parser.add_argument("--no-peer", action="store_true", help="do not start or measure RabbitMQ")
+    parser.add_argument("--gateway-tree", default="",
+                        help="run the gateway package of another checkout (A/B comparison of a change)")
     parser.add_argument("--out", default="", help="JSON file to write (default bench/results/<mode>-<time>.json)")
-    return asyncio.run(main_async(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    if args.gateway_tree:
+        _tree.append(Path(args.gateway_tree).resolve())
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from deploy.local_cluster import ClusterError, LocalCluster, find_executable
 
 pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -155,7 +156,13 @@ class ChatPage:
 
     @property
     def state(self) -> str:
-        return str(self.page.evaluate("document.body.dataset.state"))
+        """The page's ``data-state``; "navigating" while a reload replaces the document."""
+        try:
+            return str(self.page.evaluate("document.body.dataset.state"))
+        except PlaywrightError as exc:
+            if "context was destroyed" in str(exc) or "navigat" in str(exc):
+                return "navigating"
+            raise
 
     def wait_state(self, state: str, timeout_s: float = TIMEOUT_S) -> None:
         wait_for(lambda: self.state == state, f"page state {state!r}", timeout_s)
