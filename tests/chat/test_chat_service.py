@@ -228,3 +228,16 @@ async def test_rest_rooms_and_history_paging(chat_server: RunningServer) -> None
         assert (await http.post("/chat/room", data={"name": " "})).status_code == 400
         assert (await http.post("/chat/room", data={"name": "x" * 101})).status_code == 400
     await ws.close()
+
+
+@pytest.mark.parametrize("chat_server", [{"history_max_limit": 3}], indirect=True)
+async def test_history_limit_is_clamped_to_the_setting(chat_server: RunningServer) -> None:
+    room = await create_room(chat_server)
+    ws = await client(chat_server)
+    for i in range(5):
+        await send_chat(ws, {"type": "TALK", "roomId": room, "message": f"m{i}"}, receipt=f"r{i}")
+        assert (await ws.next_frame()).command == "RECEIPT"
+    async with httpx.AsyncClient(base_url=chat_server.base_url) as http:
+        page = (await http.get(f"/chat/room/{room}/messages", params={"limit": 100})).json()
+    assert [m["seq"] for m in page] == [1, 2, 3]
+    await ws.close()
