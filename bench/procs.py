@@ -28,6 +28,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg  # type: ignore[import-untyped]
+
 from tests.support.redis_server import RedisServer, RedisServerMissing, free_port
 
 HOST = "127.0.0.1"
@@ -298,7 +300,6 @@ class PostgresDatabase:
 
     async def setup(self) -> PostgresDatabase:
         """CREATE DATABASE and migrate; raises PeerUnavailable-like RuntimeError if unreachable."""
-        import asyncpg  # type: ignore[import-untyped]
         host = POSTGRES_ADMIN_URL.split("@")[-1].split("/")[0].rsplit(":", 1)[0]
         if host not in ("127.0.0.1", "localhost", "[::1]"):
             raise RuntimeError(f"PostgreSQL at {host} is not on the loopback interface")
@@ -311,7 +312,6 @@ class PostgresDatabase:
         return self
 
     async def talk_rows(self, room_id: str) -> int:
-        import asyncpg  # type: ignore[import-untyped]
         conn = await asyncpg.connect(self._plain_url(self.name), timeout=10)
         try:
             value = await conn.fetchval("SELECT count(*) FROM messages WHERE room_id = $1 AND type = 'TALK'",
@@ -321,7 +321,6 @@ class PostgresDatabase:
         return int(value)
 
     async def drop(self) -> None:
-        import asyncpg  # type: ignore[import-untyped]
         with contextlib.suppress(Exception):
             conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
             try:
