@@ -56,7 +56,9 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout_s: float = TIMEOUT
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: sync Playwright runs an asyncio loop in this thread while it is alive,
+# which would break later tests that need no running loop (or start their own).
+@pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
     if not os.access(CHROMIUM, os.X_OK):
         _missing(f"{CHROMIUM} is not installed (apt-get install chromium)")
@@ -64,7 +66,7 @@ def playwright() -> Iterator[Playwright]:
         yield pw
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright: Playwright) -> Iterator[Browser]:
     browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
     try:
