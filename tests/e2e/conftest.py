@@ -160,7 +160,7 @@ class ChatPage:
     def state(self) -> str:
         """The page's ``data-state``; "navigating" while a reload replaces the document."""
         try:
-            return str(self.page.evaluate("document.body.dataset.state"))
+            return str(self.page.evaluate("document.body ? document.body.dataset.state : 'navigating'"))
         except PlaywrightError as exc:
             if "context was destroyed" in str(exc) or "navigat" in str(exc):
                 return "navigating"

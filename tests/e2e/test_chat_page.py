@@ -228,7 +228,9 @@ def test_killed_node_page_reconnects_to_the_other_node_without_gaps(
     alice, alice_node = enter(alice_ctx, cluster, room_id)
     bob, bob_node = enter_on_other_node(bob_ctx, cluster, room_id, alice_node)
     alice.send("before the crash")
-    bob.wait_texts(["before the crash"])
+    for page in (alice, bob):
+        page.wait_texts(["before the crash"])
+    wait_for(lambda: alice.pending() == 0, "alice's own message to come back")
 
     # Keep alice offline after the crash until bob has talked: her reconnects fail at SockJS's /info.
     alice.page.route("**/ws-stomp/info**", lambda route: route.abort())
