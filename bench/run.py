@@ -125,11 +125,20 @@ def comparative_scenarios(plan: Plan) -> list[tuple[str, str, str, Runner]]:
     ]
 
 
+def completed(results: list[Result]) -> list[Result]:
+    """The runs without a failure (medians use only these), or all runs if every one failed."""
+    return [r for r in results if not r.get("failure")] or results
+
+
+def failed_counts(runs: dict[str, list[Result]]) -> dict[str, int]:
+    return {system: sum(1 for r in results if r.get("failure")) for system, results in runs.items()}
+
+
 def summarize(kind: str, runs: dict[str, list[Result]]) -> dict[str, Any]:
     """Medians per system; the ratio of the medians; and the median of the per-run ratios (run i of
     the gateway against run i of the peer, measured back to back, so slow drift cancels out)."""
-    medians = {system: median_of_runs(results) for system, results in runs.items()}
-    out: dict[str, Any] = {"median": medians}
+    medians = {system: median_of_runs(completed(results)) for system, results in runs.items()}
+    out: dict[str, Any] = {"median": medians, "failed_runs": failed_counts(runs)}
     if "gateway" in medians and "rabbitmq" in medians:
         out["ratio_gateway_over_peer"] = {
             key: ratio(medians["gateway"].get(key), medians["rabbitmq"].get(key))
@@ -197,7 +206,8 @@ async def chat_run(nodes: list[GatewayNode], database: Database, *, publishers: 
 
 def _gateway_only_entry(description: str, runs: list[Result]) -> dict[str, Any]:
     return {"description": description, "kind": "pubsub", "runs": {"gateway": runs},
-            "median": {"gateway": median_of_runs(runs)}}
+            "median": {"gateway": median_of_runs(completed(runs))},
+            "failed_runs": failed_counts({"gateway": runs})}
 
 
 async def run_gateway_only(plan: Plan, workdir: Path, only: set[str] | None,
@@ -315,15 +325,15 @@ def markdown_tables(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {key} | {_fmt(gw.get(key))} | {_fmt(peer.get(key))} | "
                          f"{_fmt(data['ratio_gateway_over_peer'].get(key))} | "
                          f"{_fmt(data['paired_ratio_median'].get(key))} |")
-    lines += ["", "| gateway-only scenario | messages/s | deliveries/s | p50 ms | p99 ms | server CPU µs/delivery |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| gateway-only scenario | messages/s | deliveries/s | p50 ms | p99 ms | server CPU µs/delivery "
+              "| failed runs |", "|---|---|---|---|---|---|---|"]
     for name, data in report["scenarios"].items():
         if not isinstance(data, dict) or "rabbitmq" in data.get("median", {}) or "median" not in data:
             continue
         gw = data["median"]["gateway"]
         lines.append(f"| {name} | {_fmt(gw.get('messages_per_s'))} | {_fmt(gw.get('deliveries_per_s'))} | "
                      f"{_fmt(gw.get('p50_ms'))} | {_fmt(gw.get('p99_ms'))} | "
-                     f"{_fmt(gw.get('server_cpu_us_per_delivery'))} |")
+                     f"{_fmt(gw.get('server_cpu_us_per_delivery'))} | {data['failed_runs']['gateway']} |")
     return "\n".join(lines)
 
 
