@@ -130,6 +130,10 @@ class RoomSequencer:
             self.duplicates_dropped += 1
             return
         state.held[seq] = publication
+        if state.task is not None:
+            # Arrived while a repair read may already be running: that read's snapshot can predate
+            # the message this one waits for, so the repair must read again before giving up on it.
+            state.repair_requested = True
         if len(state.held) > MAX_HELD:
             log.error("room %s: %d messages held waiting for repair; delivering them with a gap",
                       room_id, len(state.held))
@@ -172,10 +176,13 @@ class RoomSequencer:
                     delay = min(delay * 2, 5.0)
                     continue
                 self._flush_held(state)
-                if not state.repair_requested and not state.held:
+                if state.repair_requested:
+                    continue  # a gap signal or an arrival during the read: read again
+                if not state.held:
                     break
-                if state.held and not state.repair_requested:
-                    # The DB did not have what we wait for (yet): deliver in order past the hole.
+                if state.held:
+                    # A read that started after every held message arrived (so after their commits)
+                    # lacks the seq they wait for: a real hole. Deliver in order past it.
                     log.warning("room %s: seq %s missing from the database; skipping", room_id,
                                 (state.last or 0) + 1)
                     self._flush_held(state, force=True)

@@ -157,3 +157,30 @@ def test_room_of_only_exact_room_destinations(room: str) -> None:
     world = World()
     assert world.sequencer.room_of(PREFIX + room) is None
     assert world.sequencer.room_of(PREFIX + "abc-1") == "abc-1"
+
+
+async def test_an_arrival_during_a_repair_read_makes_the_repair_read_again() -> None:
+    """The read's snapshot can predate a commit whose successor arrives while the read runs."""
+    world = World()
+    await world.sequencer.track("r")
+    world.receive(world.commit(1))
+    reading = asyncio.Event()
+    release = asyncio.Event()
+    real_history = world.history
+
+    async def slow_history(room: str, after: int, limit: int) -> list[StoredMessage]:
+        snapshot = await real_history(room, after, limit)   # taken before 2 and 3 commit
+        reading.set()
+        await release.wait()
+        return snapshot
+
+    world.sequencer._history = slow_history
+    world.sequencer.on_gap(frozenset({PREFIX + "r"}))       # a reconnect starts a repair read
+    await reading.wait()
+    late_2 = world.commit(2)                                 # its publish is delayed
+    world.receive(world.commit(3))                           # 3 arrives while the read runs
+    world.sequencer._history = real_history
+    release.set()
+    await world.settle()
+    world.receive(late_2)
+    assert world.delivered == [1, 2, 3]
