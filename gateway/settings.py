@@ -116,6 +116,9 @@ class Settings:
         10000, "Interval the server asks clients to heart-beat at (0 = no client heart-beats).")
     heartbeat_grace: float = _setting(2.5, "Close a session silent for this multiple of its heart-beat.")
     outbound_max_bytes: int = _setting(524288, "Bytes queued for one slow session before it is closed (4500).")
+    outbound_batch_bytes: int = _setting(
+        65536, "Frames already queued for a session are sent together in one WebSocket/SockJS message up "
+        "to this size (0 = one frame per message, as Spring does).")
     outbound_send_timeout_s: float = _setting(10.0, "Seconds one socket send may block before close (4500).")
     max_sessions_per_user: int = _setting(0, "Most concurrent sessions per user name (0 = unlimited).")
 
@@ -159,7 +162,8 @@ class Settings:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        non_negative = ("heartbeat_send_min_ms", "heartbeat_receive_ms", "max_sessions_per_user")
+        non_negative = ("heartbeat_send_min_ms", "heartbeat_receive_ms", "max_sessions_per_user",
+                        "outbound_batch_bytes")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative (got {getattr(self, name)})")

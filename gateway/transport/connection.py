@@ -65,6 +65,16 @@ def session_config(settings: Settings) -> SessionConfig:
         allow_client_broker_send=settings.allow_client_broker_send)
 
 
+def _is_text(frame: bytes) -> bool:
+    if frame.isascii():
+        return True
+    try:
+        frame.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class _Close:
     __slots__ = ("code", "reason")
 
@@ -273,8 +283,28 @@ class StompConnection:
         self._queue.append(_Close(code, reason))
         self._wakeup.set()
 
+    def _take_batch(self, first: bytes, limit: int) -> bytes:
+        """Join frames that are already queued behind ``first`` into one transport message (up to
+        ``limit`` bytes). Never waits for more: a lone frame goes out alone, at once. Only text
+        (UTF-8) frames are joined, so a binary frame still travels as its own binary message."""
+        if not _is_text(first):
+            return first
+        parts = [first]
+        size = len(first)
+        queue = self._queue
+        while queue and size < limit:
+            nxt = queue[0]
+            if not isinstance(nxt, bytes) or size + len(nxt) > limit or not _is_text(nxt):
+                break
+            queue.popleft()
+            self._queued_bytes -= len(nxt)
+            size += len(nxt)
+            parts.append(nxt)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     async def _writer(self) -> None:
         timeout = self.settings.outbound_send_timeout_s
+        batch_limit = self.settings.outbound_batch_bytes
         close: _Close | None = None
         try:
             while True:
@@ -286,8 +316,11 @@ class StompConnection:
                     close = item
                     break
                 self._queued_bytes -= len(item)
+                if batch_limit and self._queue and isinstance(self._queue[0], bytes):
+                    item = self._take_batch(item, batch_limit)
                 try:
-                    await asyncio.wait_for(self.sink.send(item), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self.sink.send(item)
                 except TimeoutError:
                     log.info("session %s: send blocked over %.1fs, closing", self.info.session_id, timeout)
                     close = _Close(CLOSE_SLOW_CONSUMER, "Send time limit exceeded")
