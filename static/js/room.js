@@ -418,15 +418,15 @@
     if (!await loadRoom()) {
       return;
     }
-    catchUp();
     try {
-      await identity.resolve();
+      await identity.resolve();   // first: the history marks the user's own messages
     } catch (err) {
       setState('error', 'offline');
       notify('Could not reach the server: ' + err.message);
       return;
     }
     setState('connecting', 'connecting…');
+    catchUp();
     connect();
     pollRoom();
     window.addEventListener('pagehide', () => {

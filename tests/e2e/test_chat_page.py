@@ -123,6 +123,8 @@ def test_two_browsers_on_two_nodes_chat_through_nginx(contexts: Callable[..., Br
     bob.wait_state("connected")
     bob.wait_texts(texts)
     assert_exactly_once_in_seq_order(bob, texts)
+    assert bob.page.locator("#messages li.mine", has_text="hi alice, bob here").count() == 1
+    assert bob.page.locator("#messages li.mine").count() == 2
 
     rows = db_messages(cluster, room_id)
     stored = Counter(message for _, kind, _, message in rows if kind == "TALK")
