@@ -11,19 +11,22 @@ from gateway.auth import anonymous_authenticator, users_authenticator
 from gateway.settings import load_settings
 from gateway.stomp.frames import Frame
 from gateway.stomp.session import AuthenticationFailed
-from tests.support.asgi_server import RunningServer, running_server
+from tests.support.live_server import LiveServer
 from tests.support.stomp_wire import WsStompClient
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[RunningServer]:
+async def server() -> AsyncIterator[LiveServer]:
     settings = load_settings(environ={}, auth="users", users=("alice:wonderland", "bob:b:c"), node_id="t",
                              heartbeat_receive_ms=0)
-    async with running_server(create_app(settings, configure=[])) as running:
+    running = LiveServer(create_app(settings, configure=[])).start()
+    try:
         yield running
+    finally:
+        running.stop()
 
 
-async def test_right_passcode_connects_with_user_name(server: RunningServer) -> None:
+async def test_right_passcode_connects_with_user_name(server: LiveServer) -> None:
     ws = await WsStompClient.open(server.ws_url)
     connected = await ws.connect({"accept-version": "1.2", "host": "x", "login": "alice", "passcode": "wonderland"})
     assert connected.command == "CONNECTED" and connected.get("user-name") == "alice"
@@ -36,7 +39,7 @@ async def test_right_passcode_connects_with_user_name(server: RunningServer) -> 
     {"login": "mallory", "passcode": "wonderland"},
     {},
 ])
-async def test_wrong_or_missing_credentials_get_error_and_close(server: RunningServer,
+async def test_wrong_or_missing_credentials_get_error_and_close(server: LiveServer,
                                                                 headers: dict[str, str]) -> None:
     ws = await WsStompClient.open(server.ws_url)
     await ws.send_frame("CONNECT", {"accept-version": "1.2", "host": "x", **headers})

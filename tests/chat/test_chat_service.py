@@ -19,32 +19,35 @@ from gateway.app import create_app
 from gateway.chat.migrations import upgrade
 from gateway.chat.repository import make_engine
 from gateway.settings import load_settings
-from tests.support.asgi_server import RunningServer, running_server
+from tests.support.live_server import LiveServer
 from tests.support.stomp_wire import WsStompClient
 
 ROOM_PREFIX = "/sub/chat/room/"
 
 
 @pytest.fixture
-async def chat_server(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[RunningServer]:
+async def chat_server(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[LiveServer]:
     url = f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"
     await asyncio.to_thread(upgrade, url)
     overrides: dict[str, Any] = getattr(request, "param", {})
     settings = load_settings(environ={}, database_url=url, heartbeat_receive_ms=0, node_id="test-node",
                              **overrides)
-    async with running_server(create_app(settings)) as server:
+    server = LiveServer(create_app(settings)).start()
+    try:
         yield server
+    finally:
+        server.stop()
 
 
-async def create_room(server: RunningServer, name: str = "lobby") -> str:
-    async with httpx.AsyncClient(base_url=server.base_url) as http:
+async def create_room(server: LiveServer, name: str = "lobby") -> str:
+    async with httpx.AsyncClient(base_url=server.url) as http:
         response = await http.post("/chat/room", data={"name": name})
         response.raise_for_status()
         return str(response.json()["roomId"])
 
 
-async def rows(server: RunningServer) -> list[dict[str, Any]]:
-    async with httpx.AsyncClient(base_url=server.base_url) as http:
+async def rows(server: LiveServer) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(base_url=server.url) as http:
         response = await http.get("/chat/rooms")
         out: list[dict[str, Any]] = []
         for room in response.json():
@@ -53,9 +56,8 @@ async def rows(server: RunningServer) -> list[dict[str, Any]]:
         return out
 
 
-async def db_count(server: RunningServer) -> int:
-    app = server.server.config.app
-    engine = make_engine(app.state.gateway.settings.database_url)
+async def db_count(server: LiveServer) -> int:
+    engine = make_engine(server.gateway.settings.database_url)
     try:
         async with engine.connect() as conn:
             return int((await conn.execute(sa.text("SELECT count(*) FROM messages"))).scalar_one())
@@ -63,7 +65,7 @@ async def db_count(server: RunningServer) -> int:
         await engine.dispose()
 
 
-async def client(server: RunningServer, login: str | None = None) -> WsStompClient:
+async def client(server: LiveServer, login: str | None = None) -> WsStompClient:
     ws = await WsStompClient.open(server.ws_url)
     headers = {"accept-version": "1.2", "host": "x"}
     if login is not None:
@@ -83,7 +85,7 @@ async def send_chat(ws: WsStompClient, body: dict[str, Any], **headers: str) -> 
                                  **headers}, json.dumps(body).encode())
 
 
-async def test_talk_is_stored_once_and_reaches_every_subscriber_with_seq(chat_server: RunningServer) -> None:
+async def test_talk_is_stored_once_and_reaches_every_subscriber_with_seq(chat_server: LiveServer) -> None:
     room = await create_room(chat_server)
     alice, bob = await client(chat_server, "alice"), await client(chat_server, "bob")
     await alice.subscribe(ROOM_PREFIX + room, "s-a")
@@ -106,7 +108,7 @@ async def test_talk_is_stored_once_and_reaches_every_subscriber_with_seq(chat_se
     await bob.close()
 
 
-async def test_receipt_comes_after_the_commit(chat_server: RunningServer) -> None:
+async def test_receipt_comes_after_the_commit(chat_server: LiveServer) -> None:
     room = await create_room(chat_server)
     ws = await client(chat_server)
     await send_chat(ws, {"type": "TALK", "roomId": room, "message": "durable"}, receipt="r-9")
@@ -119,7 +121,7 @@ async def test_receipt_comes_after_the_commit(chat_server: RunningServer) -> Non
 
 
 async def test_client_message_id_is_stored_once_and_republished_with_the_same_seq(
-        chat_server: RunningServer) -> None:
+        chat_server: LiveServer) -> None:
     room = await create_room(chat_server)
     listener = await client(chat_server)
     await listener.subscribe(ROOM_PREFIX + room, "s")
@@ -146,7 +148,7 @@ async def test_client_message_id_is_stored_once_and_republished_with_the_same_se
     (b'{"type":"QUIT","roomId":"ROOM"}', "sent by the server"),
 ])
 async def test_malformed_send_gets_error_and_leaves_no_row_and_no_publish(
-        chat_server: RunningServer, body: bytes, reason: str) -> None:
+        chat_server: LiveServer, body: bytes, reason: str) -> None:
     room = await create_room(chat_server)
     listener = await client(chat_server)
     await listener.subscribe(ROOM_PREFIX + room, "s")
@@ -167,7 +169,7 @@ async def test_malformed_send_gets_error_and_leaves_no_row_and_no_publish(
         await ws_.close()
 
 
-async def test_enter_and_quit_once_per_session_and_counts_never_negative(chat_server: RunningServer) -> None:
+async def test_enter_and_quit_once_per_session_and_counts_never_negative(chat_server: LiveServer) -> None:
     room = await create_room(chat_server)
     watcher = await client(chat_server)
     await watcher.subscribe(ROOM_PREFIX + room, "w")
@@ -187,7 +189,7 @@ async def test_enter_and_quit_once_per_session_and_counts_never_negative(chat_se
     await erin.close()
     quit_erin = await next_chat(watcher)
     assert quit_erin["message"] == "erin님이 방에서 나갔습니다." and quit_erin["userCount"] == 1
-    async with httpx.AsyncClient(base_url=chat_server.base_url) as http:
+    async with httpx.AsyncClient(base_url=chat_server.url) as http:
         listed = (await http.get("/chat/rooms")).json()
     assert listed == [{"roomId": room, "name": "lobby", "userCount": 1}]
     kinds = [m["type"] for m in await rows(chat_server)]
@@ -195,7 +197,7 @@ async def test_enter_and_quit_once_per_session_and_counts_never_negative(chat_se
     await watcher.close()
 
 
-async def test_older_frontend_generation_sends_its_own_enter(chat_server: RunningServer) -> None:
+async def test_older_frontend_generation_sends_its_own_enter(chat_server: LiveServer) -> None:
     room = await create_room(chat_server)
     old = await client(chat_server)           # ws.connect({}, ...): no user
     await old.subscribe(ROOM_PREFIX + room, "sub-0")
@@ -208,13 +210,13 @@ async def test_older_frontend_generation_sends_its_own_enter(chat_server: Runnin
     await old.close()
 
 
-async def test_rest_rooms_and_history_paging(chat_server: RunningServer) -> None:
+async def test_rest_rooms_and_history_paging(chat_server: LiveServer) -> None:
     room = await create_room(chat_server, "paging")
     ws = await client(chat_server, "pat")
     for i in range(5):
         await send_chat(ws, {"type": "TALK", "roomId": room, "message": f"m{i}"}, receipt=f"r{i}")
         assert (await ws.next_frame()).command == "RECEIPT"
-    async with httpx.AsyncClient(base_url=chat_server.base_url) as http:
+    async with httpx.AsyncClient(base_url=chat_server.url) as http:
         page = (await http.get(f"/chat/room/{room}/messages", params={"after": 2, "limit": 2})).json()
         assert [m["seq"] for m in page] == [3, 4]
         assert all({"id", "seq", "createdAt"} <= set(m) for m in page)
@@ -231,13 +233,13 @@ async def test_rest_rooms_and_history_paging(chat_server: RunningServer) -> None
 
 
 @pytest.mark.parametrize("chat_server", [{"history_max_limit": 3}], indirect=True)
-async def test_history_limit_is_clamped_to_the_setting(chat_server: RunningServer) -> None:
+async def test_history_limit_is_clamped_to_the_setting(chat_server: LiveServer) -> None:
     room = await create_room(chat_server)
     ws = await client(chat_server)
     for i in range(5):
         await send_chat(ws, {"type": "TALK", "roomId": room, "message": f"m{i}"}, receipt=f"r{i}")
         assert (await ws.next_frame()).command == "RECEIPT"
-    async with httpx.AsyncClient(base_url=chat_server.base_url) as http:
+    async with httpx.AsyncClient(base_url=chat_server.url) as http:
         page = (await http.get(f"/chat/room/{room}/messages", params={"limit": 100})).json()
     assert [m["seq"] for m in page] == [1, 2, 3]
     await ws.close()
