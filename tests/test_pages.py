@@ -23,6 +23,7 @@ from gateway.jwt_auth import key_from_secret, mint_token, user_from_token
 from gateway.pages import (
     CONTENT_SECURITY_POLICY,
     GUEST_COOKIE,
+    MAX_LOGIN_CHARS,
     SESSION_COOKIE,
     VENDOR_FILES,
     check_vendor,
@@ -194,6 +195,15 @@ def test_users_mode_checks_login_and_passcode_and_mints_no_token(database: str) 
         assert good.status_code == 200
         assert good.json() == {"name": "alice", "token": "", "auth": "users"}
         assert "set-cookie" not in good.headers
+
+
+def test_overlong_login_fields_are_refused_before_checking(database: str) -> None:
+    at_limit, over = "a" * MAX_LOGIN_CHARS, "b" * (MAX_LOGIN_CHARS + 1)
+    long_pass = "p" * (MAX_LOGIN_CHARS + 1)
+    with _client(database, auth="users", users=(f"{at_limit}:pw", f"{over}:pw", f"carol:{long_pass}")) as client:
+        assert client.post("/chat/login", data={"login": at_limit, "passcode": "pw"}).status_code == 200
+        assert client.post("/chat/login", data={"login": over, "passcode": "pw"}).status_code == 401
+        assert client.post("/chat/login", data={"login": "carol", "passcode": long_pass}).status_code == 401
 
 
 def test_login_from_another_site_is_refused(database: str) -> None:
