@@ -141,6 +141,8 @@ class Hub:
         self.on_subscribe: list[SubscriptionHook] = []
         self.on_unsubscribe: list[SubscriptionHook] = []
         self.on_disconnect: list[SessionHook] = []
+        # Called with a destination when its last local subscription is gone (UNSUBSCRIBE or session end).
+        self.on_destination_idle: list[Callable[[str], None]] = []
         self.gap_listeners: list[GapListener] = []
         self._subscriptions: dict[str, dict[str, str]] = {}  # session id -> {sub id: destination}
         self._broker_lock = asyncio.Lock()
@@ -242,6 +244,8 @@ class Hub:
                     await self.broker.unsubscribe(destination)
                 except Exception:
                     log.warning("broker unsubscribe of %s failed", destination, exc_info=True)
+                for listener in self.on_destination_idle:
+                    listener(destination)
         return True
 
     # --- publishing and delivery ---------------------------------------------------------------

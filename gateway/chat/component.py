@@ -59,9 +59,9 @@ def chat_component(gateway: Gateway) -> Sequence[BaseRoute]:
         if room_id is not None:
             await sequencer.track(room_id)
 
-    async def untrack_room(session: object, subscription_id: str, destination: str) -> None:
+    def untrack_room(destination: str) -> None:
         room_id = sequencer.room_of(destination)
-        if room_id is not None and hub.registry.count(destination) == 0:
+        if room_id is not None:
             sequencer.forget(room_id)
 
     hub.interceptors.append(sequencer.intercept)
@@ -69,7 +69,7 @@ def chat_component(gateway: Gateway) -> Sequence[BaseRoute]:
     hub.on_subscribe.append(track_room)
     hub.on_subscribe.append(service.on_subscribe)
     hub.on_unsubscribe.append(service.on_unsubscribe)
-    hub.on_unsubscribe.append(untrack_room)
+    hub.on_destination_idle.append(untrack_room)
     hub.on_disconnect.append(service.on_disconnect)
 
     async def startup(gw: Gateway) -> None:

@@ -243,3 +243,17 @@ async def test_history_limit_is_clamped_to_the_setting(chat_server: LiveServer) 
         page = (await http.get(f"/chat/room/{room}/messages", params={"limit": 100})).json()
     assert [m["seq"] for m in page] == [1, 2, 3]
     await ws.close()
+
+
+async def test_the_node_forgets_a_room_when_its_last_local_subscriber_leaves(chat_server: LiveServer) -> None:
+    room = await create_room(chat_server)
+    sequencer = chat_server.gateway.extras["sequencer"]
+    ws = await client(chat_server)
+    await ws.subscribe(ROOM_PREFIX + room, "a")
+    await ws.subscribe(ROOM_PREFIX + room, "b")
+    assert sequencer.tracked() == {room}
+    await ws.send_frame("UNSUBSCRIBE", {"id": "a", "receipt": "u"})
+    assert (await ws.next_frame()).command == "RECEIPT"
+    assert sequencer.tracked() == {room}          # still one local subscription
+    await ws.close()                               # the session ends without UNSUBSCRIBE
+    await chat_server.await_for(lambda: not sequencer.tracked(), what="room forgotten")
