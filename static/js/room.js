@@ -3,8 +3,8 @@
  *
  * - Connects with SockJS + @stomp/stompjs to /ws-stomp and subscribes to /sub/chat/room/{roomId}; the
  *   server announces ENTER/QUIT. Reconnects with exponential back-off (0.5 s doubling to 10 s, plus
- *   jitter); after every (re)connect it re-subscribes and fetches what it missed from
- *   GET /chat/room/{roomId}/messages?after=<last seq shown>.
+ *   jitter); after every (re)connect it re-subscribes and, once the SUBSCRIBE's RECEIPT confirms the
+ *   subscription, fetches what it missed from GET /chat/room/{roomId}/messages?after=<last seq shown>.
  * - Messages carry a per-room `seq`. The page shows them strictly in seq order and exactly once:
  *   duplicates (same seq) are dropped, and a message arriving after a gap waits until the gap is
  *   filled from the history endpoint. Messages without a seq (published by a Spring node) are shown
@@ -345,13 +345,18 @@
         c.connectHeaders = await identity.connectHeaders();
       },
       onConnect: () => {
-        setState('connected', 'connected');
-        notify('');
-        subscription = client.subscribe('/sub/chat/room/' + roomId, onMessage);
+        // Catch up only once the server confirms the subscription: from then on every new message
+        // is delivered live, and everything before it is in the history.
+        const receipt = 'sub-' + connects;
+        client.watchForReceipt(receipt, () => {
+          setState('connected', 'connected');
+          notify('');
+          catchUp();
+        });
+        subscription = client.subscribe('/sub/chat/room/' + roomId, onMessage, {receipt: receipt});
         for (const id of outbox.keys()) {
           transmit(id);
         }
-        catchUp();
       },
       onStompError: (frame) => {
         const message = frame.headers.message || 'error';

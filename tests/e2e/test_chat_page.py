@@ -208,6 +208,7 @@ def test_page_works_over_a_forced_sockjs_fallback(contexts: Callable[..., Browse
     page.goto(room_url(cluster, room_id, f"transports={transport}"))
     fallback = ChatPage(page, [])
     fallback.wait_state("connected")
+    wait_for(lambda: sum(presence(cluster, room_id).values()) == 1, "the fallback page's presence")
     other, _ = enter(contexts(), cluster, room_id)
     fallback.send(f"sent over {transport}")
     other.send(f"received over {transport}")
