@@ -4,7 +4,7 @@
 |---|---|---|
 | GET  | ``/chat/rooms`` | ChatRoom array, live ``userCount`` |
 | POST | ``/chat/room`` | ChatRoom; ``name`` as form field or query parameter |
-| GET  | ``/chat/room/{roomId}`` | ChatRoom, or 404 JSON |
+| GET  | ``/chat/room/{roomId}`` | ChatRoom plus ``lastSeq`` (where a page opening the room starts), or 404 JSON |
 | GET  | ``/chat/room/{roomId}/messages?after=&limit=`` | ChatMessage array (``id``, ``seq``, ``createdAt``) in seq order |
 
 Errors are JSON ``{"error": "..."}`` with a 4xx status. Must not import the transport layer.
@@ -59,7 +59,9 @@ def chat_routes(service: ChatService) -> list[BaseRoute]:
         room = await service.repository.get_room(room_id)
         if room is None:
             return _error(f"No room {room_id!r}", 404)
-        return _json(room_dict(room, await service.presence.count(room_id)))
+        body = room_dict(room, await service.presence.count(room_id))
+        body["lastSeq"] = await service.repository.last_seq(room_id) or 0
+        return _json(body)
 
     async def history(request: Request) -> Response:
         room_id = request.path_params["room_id"]

@@ -22,6 +22,7 @@
 
   const PAGE_SIZE = 200;             // history page size (the server may cap it lower)
   const MAX_RENDERED = 1000;         // messages kept in the DOM
+  const OPEN_WINDOW = 200;           // a room opens with at most its last this-many messages
   const ROOM_POLL_MS = 5000;         // user count refresh (counts also come with every message)
   const GAP_RETRY_MS = 1000;         // a gap the history does not fill yet is retried this often...
   const GAP_GIVE_UP = 5;             // ...this many times before the later messages are shown anyway
@@ -393,6 +394,10 @@
       el.name.textContent = room.name;
       document.title = room.name + ' · Chat';
       setCount(room.userCount);
+      if (typeof room.lastSeq === 'number' && lastSeq === 0 && room.lastSeq > OPEN_WINDOW) {
+        // A big room: start near its end instead of paging through its whole history.
+        lastSeq = room.lastSeq - OPEN_WINDOW;
+      }
       return true;
     } catch (err) {
       if (err instanceof Chat.HttpError && err.status === 404) {

@@ -220,7 +220,8 @@ async def test_rest_rooms_and_history_paging(chat_server: LiveServer) -> None:
         page = (await http.get(f"/chat/room/{room}/messages", params={"after": 2, "limit": 2})).json()
         assert [m["seq"] for m in page] == [3, 4]
         assert all({"id", "seq", "createdAt"} <= set(m) for m in page)
-        assert (await http.get(f"/chat/room/{room}")).json() == {"roomId": room, "name": "paging", "userCount": 0}
+        assert (await http.get(f"/chat/room/{room}")).json() == {"roomId": room, "name": "paging", "userCount": 0,
+                                                                 "lastSeq": 5}
         missing = await http.get("/chat/room/nope")
         assert missing.status_code == 404 and "error" in missing.json()
         assert (await http.get("/chat/room/nope/messages")).status_code == 404
