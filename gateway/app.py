@@ -49,7 +49,6 @@ class Gateway:
     config: SessionConfig
     ready: bool = False
     draining: bool = False
-    connections: set[StompConnection] = field(default_factory=set)
     startup: list[Component] = field(default_factory=list)
     shutdown: list[Component] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
@@ -151,11 +150,11 @@ def create_app(settings: Settings | None = None, *,
 
 
 def default_components() -> list[Callable[[Gateway], Sequence[BaseRoute]]]:
-    """The chat domain, SockJS and the static pages, when those layers are present."""
-    components: list[Callable[[Gateway], Sequence[BaseRoute]]] = []
-    from gateway.components import discover
-    components.extend(discover())
-    return components
+    """The layers the default app wires, in order: the chat domain, then the pages."""
+    from gateway.chat.component import chat_component
+    from gateway.pages import pages_component
+
+    return [chat_component, pages_component]
 
 
 def app_from_env() -> Starlette:

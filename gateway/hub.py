@@ -147,7 +147,6 @@ class Hub:
         self._subscriptions: dict[str, dict[str, str]] = {}  # session id -> {sub id: destination}
         self._broker_lock = asyncio.Lock()
         self._ended: set[str] = set()
-        self.delivered = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -270,7 +269,6 @@ class Hub:
                                    content_type=publication.content_type, extra_headers=publication.headers)
         for subscriber, subscription_id in receivers:
             subscriber.deliver(template, subscription_id)
-        self.delivered += len(receivers)
         return len(receivers)
 
     def close_all(self, code: int, reason: str, error: str | None = None) -> None:

@@ -289,7 +289,7 @@ class Pages:
 
 
 def pages_component(gateway: Gateway) -> Sequence[BaseRoute]:
-    """Wire the pages into the default app (see gateway.components)."""
+    """Wire the pages into the default app (see gateway.app.default_components)."""
     for problem in check_vendor(gateway.settings):
         log.warning("chat page: %s", problem)
     return Pages(gateway.settings).routes()

@@ -225,10 +225,6 @@ class Settings:
             raise SettingsError(f"node_id must not contain spaces, '/', ':' or newlines (got {self.node_id!r})")
         return self
 
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
 
 def _field_parser(f: Any) -> Callable[[str], Any]:
     parse = f.metadata.get("parse")

@@ -491,8 +491,3 @@ class RedisBroker:
                     await waiter
             except TimeoutError:
                 return
-
-
-def create_redis_broker(settings: Settings) -> RedisBroker:
-    """The Redis broker configured by ``settings`` (``redis_url`` must be set)."""
-    return RedisBroker.from_settings(settings)

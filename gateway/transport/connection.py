@@ -97,7 +97,6 @@ class StompConnection:
         self.info = SessionInfo(session_id=session_id, transport=transport, remote=remote)
         self.session = StompSession(session_id, config, self._authenticate_wrapper(authenticator),
                                     now=clock())
-        self._auth = authenticator
         self._queue: deque[bytes | _Close] = deque()
         self._queued_bytes = 0
         self._wakeup = asyncio.Event()
