@@ -327,10 +327,15 @@ class MessageTemplate:
     def render(self, subscription: str, message_id: str, *, escape_headers: bool = True,
                ack: str | None = None) -> bytes:
         """The MESSAGE for one receiver. ``ack`` adds STOMP 1.2's ``ack`` header (client ack modes)."""
-        head, tail = self._parts(escape_headers)
         if escape_headers:
             subscription, message_id = escape(subscription), escape(message_id)
         middle = f"subscription:{subscription}\nmessage-id:{message_id}\n"
         if ack is not None:
             middle += f"ack:{escape(ack) if escape_headers else ack}\n"
-        return b"".join((head, middle.encode("utf-8"), tail))
+        return self.render_with(middle.encode("utf-8"), escape_headers=escape_headers)
+
+    def render_with(self, receiver_headers: bytes, *, escape_headers: bool = True) -> bytes:
+        """The MESSAGE with ``receiver_headers`` (already encoded ``subscription``/``message-id``/``ack``
+        lines, each ending in ``\\n``) between the shared head and tail: the per-delivery hot path."""
+        head, tail = self._parts(escape_headers)
+        return b"".join((head, receiver_headers, tail))

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from gateway.stomp.codec import FrameParser, MessageTemplate, serialize
+from gateway.stomp.codec import FrameParser, MessageTemplate, escape, serialize
 from gateway.stomp.frames import Frame, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,9 @@ class Subscription:
     id: str
     destination: str
     ack: str
+    # "subscription:<id>\nmessage-id:<session>-" encoded once (escaped as the session's version says);
+    # a delivery only appends its counter.
+    header_prefix: bytes = b""
 
 
 @dataclass(slots=True)
@@ -174,6 +177,7 @@ class StompSession:
         # message-id -> subscription id, for messages awaiting ACK/NACK (client ack modes only)
         self._pending_acks: OrderedDict[str, str] = OrderedDict()
         self._message_counter = itertools.count()
+        self._message_id_prefix = b""   # "<session id>-", encoded once the version is known
         self._outbox: list[bytes] = []
         self._parser = FrameParser(max_frame_bytes=self.config.max_frame_bytes,
                                    max_headers=self.config.max_headers,
@@ -305,6 +309,7 @@ class StompSession:
         self.user = user
         self.state = State.CONNECTED
         self._parser.unescape_headers = version != "1.0"
+        self._message_id_prefix = ((escape(self.session_id) if version != "1.0" else self.session_id) + "-").encode()
         # Heart-beats (STOMP 1.1+): we can send every `floor` ms; we want to hear every `want` ms.
         floor, want = self.config.heartbeat_send_min_ms, self.config.heartbeat_receive_ms
         if version == "1.0":
@@ -399,7 +404,9 @@ class StompSession:
         ack = frame.get("ack") or "auto"
         if ack not in ACK_MODES:
             raise ProtocolError(f"Invalid ack mode {ack!r} (auto, client or client-individual)")
-        self.subscriptions[sub_id] = Subscription(sub_id, destination, ack)
+        prefix = (b"subscription:" + (escape(sub_id) if self.escape_headers else sub_id).encode()
+                  + b"\nmessage-id:" + self._message_id_prefix)
+        self.subscriptions[sub_id] = Subscription(sub_id, destination, ack, prefix)
         events.append(Subscribed(sub_id, destination, ack, frame.headers, receipt))
 
     def _unsubscribe(self, frame: Frame, events: list[Event], receipt: str | None) -> None:
@@ -452,15 +459,16 @@ class StompSession:
         sub = self.subscriptions.get(subscription_id)
         if sub is None or self.state is not State.CONNECTED:
             return None
-        message_id = f"{self.session_id}-{next(self._message_counter)}"
-        ack = None
+        counter = str(next(self._message_counter)).encode()
+        headers = sub.header_prefix + counter + b"\n"
         if sub.ack != "auto":
+            message_id = f"{self.session_id}-{counter.decode()}"
             self._pending_acks[message_id] = subscription_id
             while len(self._pending_acks) > self.config.max_pending_acks:
                 self._pending_acks.popitem(last=False)
             if self.version == "1.2":
-                ack = message_id
-        return template.render(subscription_id, message_id, escape_headers=self.escape_headers, ack=ack)
+                headers += b"ack:" + self._message_id_prefix + counter + b"\n"
+        return template.render_with(headers, escape_headers=self.escape_headers)
 
     def send_receipt(self, receipt_id: str) -> None:
         self._outbox.append(serialize(Frame("RECEIPT", (("receipt-id", receipt_id),)),
