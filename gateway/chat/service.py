@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from dataclasses import dataclass, field
 
 from gateway.broker.base import BrokerUnavailable, Publication
 from gateway.chat.group_commit import GroupCommitWriter
@@ -41,8 +42,7 @@ from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ROOMS_ATTR = "chat.rooms"          # session attribute: {subscription id: room id}
-NAME_ATTR = "chat.name"            # session attribute: the name a client-sent ENTER announced
+STATE_ATTR = "chat"                # the session attribute holding its ChatSessionState
 MAX_REPUBLISH_QUEUE = 10000
 
 
@@ -56,6 +56,23 @@ def quit_text(name: str) -> str:
 
 def legacy_enter_text(name: str) -> str:
     return f"{name}님이 입장하셨습니다."
+
+
+@dataclass(slots=True)
+class ChatSessionState:
+    """What the chat layer remembers about one session."""
+
+    rooms: dict[str, str] = field(default_factory=dict)   # subscription id -> room id
+    announced: set[str] = field(default_factory=set)      # rooms its ENTER was published in
+    name: str | None = None                               # the name a client-sent ENTER announced
+
+    @staticmethod
+    def of(session: SessionInfo) -> ChatSessionState:
+        state = session.attributes.get(STATE_ATTR)
+        if not isinstance(state, ChatSessionState):
+            state = ChatSessionState()
+            session.attributes[STATE_ATTR] = state
+        return state
 
 
 class ChatService:
@@ -154,11 +171,11 @@ class ChatService:
         if chat.type is MessageType.ENTER:
             # Older frontend generation: the client announces itself after subscribing.
             name = session.user or chat.sender or UNKNOWN_SENDER
-            announced = self._announced(session)
-            session.attributes[NAME_ATTR] = name
-            if chat.room_id in announced:
+            state = ChatSessionState.of(session)
+            state.name = name
+            if chat.room_id in state.announced:
                 return  # the server already announced this session in this room
-            announced.add(chat.room_id)
+            state.announced.add(chat.room_id)
             await self.persist_and_publish(NewMessage(chat.room_id, MessageType.ENTER, SYSTEM_SENDER,
                                                       legacy_enter_text(name), client_msg_id))
             return
@@ -168,60 +185,38 @@ class ChatService:
 
     # --- presence hooks ------------------------------------------------------------------------
 
-    @staticmethod
-    def _rooms(session: SessionInfo) -> dict[str, str]:
-        rooms = session.attributes.get(ROOMS_ATTR)
-        if not isinstance(rooms, dict):
-            rooms = {}
-            session.attributes[ROOMS_ATTR] = rooms
-        return rooms
-
-    @staticmethod
-    def _announced(session: SessionInfo) -> set[str]:
-        announced = session.attributes.get("chat.announced")
-        if not isinstance(announced, set):
-            announced = set()
-            session.attributes["chat.announced"] = announced
-        return announced
-
-    def _display_name(self, session: SessionInfo) -> str | None:
-        name = session.user or session.attributes.get(NAME_ATTR)
-        return name if isinstance(name, str) else None
-
     async def on_subscribe(self, session: SessionInfo, subscription_id: str, destination: str) -> None:
         room_id = self.room_of(destination)
         if room_id is None:
             return
-        self._rooms(session)[subscription_id] = room_id
+        state = ChatSessionState.of(session)
+        state.rooms[subscription_id] = room_id
         await self.presence.join(room_id)
-        name = self._display_name(session)
-        if name is None or not await self.room_exists(room_id):
+        name = session.user or state.name
+        if name is None or room_id in state.announced or not await self.room_exists(room_id):
             return
-        announced = self._announced(session)
-        if room_id in announced:
-            return
-        announced.add(room_id)
+        state.announced.add(room_id)
         await self._system_message(room_id, MessageType.ENTER, enter_text(name))
 
     async def on_unsubscribe(self, session: SessionInfo, subscription_id: str, destination: str) -> None:
-        room_id = self._rooms(session).pop(subscription_id, None)
+        room_id = ChatSessionState.of(session).rooms.pop(subscription_id, None)
         if room_id is not None:
             await self._leave(session, room_id)
 
     async def on_disconnect(self, session: SessionInfo) -> None:
-        rooms = self._rooms(session)
+        rooms = ChatSessionState.of(session).rooms
         for subscription_id in list(rooms):
             await self._leave(session, rooms.pop(subscription_id))
 
     async def _leave(self, session: SessionInfo, room_id: str) -> None:
         await self.presence.leave(room_id)
-        if room_id in self._rooms(session).values():
+        state = ChatSessionState.of(session)
+        if room_id in state.rooms.values():
             return  # still subscribed to the room through another subscription
-        announced = self._announced(session)
-        name = self._display_name(session)
-        if room_id not in announced or name is None:
+        name = session.user or state.name
+        if room_id not in state.announced or name is None:
             return
-        announced.discard(room_id)
+        state.announced.discard(room_id)
         await self._system_message(room_id, MessageType.QUIT, quit_text(name))
 
     async def _system_message(self, room_id: str, kind: MessageType, text: str) -> None:
