@@ -8,7 +8,7 @@ describing the machine; the chat scenarios' databases (a SQLite file, or a throw
 the local PostgreSQL server, created and dropped here).
 
 Only 127.0.0.1 is ever bound or contacted. Imports nothing from the gateway (it runs as a child
-process) and only ``tests.support.redis_server`` from the test tree.
+process); processes and databases come from the test suite's helpers in ``tests.support``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
 
+from tests.support import postgres
+from tests.support.gateway_process import GatewayProcess
 from tests.support.redis_server import RedisServer, RedisServerMissing, free_port
 
 HOST = "127.0.0.1"
@@ -77,29 +78,32 @@ def _wait_port(port: int, deadline_s: float) -> bool:
 
 @dataclass
 class GatewayNode:
-    """One ``chat-gateway serve`` child process (see the module docstring)."""
+    """One ``chat-gateway serve`` child process: the test suite's GatewayProcess, run with this
+    interpreter from ``tree`` (so ``--gateway-tree`` can benchmark another checkout's package)."""
 
     database_url: str
     redis_url: str | None = None
     allow_client_broker_send: bool = True
     extra_args: tuple[str, ...] = ()
     tree: Path = REPO              # the checkout whose ``gateway`` package runs (``-m`` puts cwd first)
-    port: int = 0
-    process: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
-    _log: object = field(default=None, repr=False)
+    process: GatewayProcess | None = None
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{HOST}:{self.port}/ws-stomp/websocket"
+        return self._running().ws_url
 
     @property
     def http_url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return self._running().url
 
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
+
+    def _running(self) -> GatewayProcess:
+        if self.process is None:
+            raise RuntimeError("gateway node not started")
+        return self.process
 
     @staticmethod
     def migrate(database_url: str) -> None:
@@ -107,29 +111,23 @@ class GatewayNode:
                        check=True, cwd=REPO, stdout=subprocess.DEVNULL, timeout=120)
 
     def start(self, log_dir: Path) -> GatewayNode:
-        self.port = free_port()
-        args = [sys.executable, "-m", "gateway.cli", "serve", "--host", HOST, "--port", str(self.port),
-                "--database-url", self.database_url, "--log-level", "warning",
-                "--allow-client-broker-send", "true" if self.allow_client_broker_send else "false",
-                "--drain-timeout-s", "2", *self.extra_args]
+        settings: dict[str, object] = {
+            "host": HOST, "database_url": self.database_url, "log_level": "warning",
+            "allow_client_broker_send": self.allow_client_broker_send, "drain_timeout_s": 2}
         if self.redis_url is not None:
-            args += ["--redis-url", self.redis_url]
-        self.log_path = log_dir / f"gateway-{self.port}.log"
-        log = self.log_path.open("wb")
-        self._log = log
-        self.process = subprocess.Popen(args, cwd=self.tree, stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.process.returncode}: {self.log_tail()}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.http_url}/chat/rooms", timeout=1) as response:
-                    if response.status == 200:
-                        return self
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"gateway did not answer on port {self.port}: {self.log_tail()}")
+            settings["redis_url"] = self.redis_url
+        port = free_port()
+        workdir = log_dir / f"gateway-{port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.process = GatewayProcess(settings, port=port, workdir=workdir, migrate=False,
+                                      args=self.extra_args, launcher=[sys.executable, "-m", "gateway.cli"],
+                                      cwd=self.tree)
+        try:
+            self.process.start(timeout=30)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop()
+            raise RuntimeError(f"gateway did not start: {exc}") from None
+        return self
 
     def create_room(self, name: str) -> str:
         data = f"name={name}".encode()
@@ -139,26 +137,12 @@ class GatewayNode:
             return str(json.loads(response.read())["roomId"])
 
     def log_tail(self, chars: int = 2000) -> str:
-        if self.log_path is None:
-            return ""
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-chars:]
-        return ""
+        return self.process.log_text()[-chars:] if self.process is not None else ""
 
     def stop(self) -> None:
-        process = self.process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        if self.process is not None:
+            self.process.stop()
         self.process = None
-        log = self._log
-        if log is not None and hasattr(log, "close"):
-            log.close()
-        self._log = None
 
 
 class PeerUnavailable(RuntimeError):
@@ -254,7 +238,6 @@ def machine_info() -> dict[str, object]:
 
 # --- databases of the chat scenarios ---------------------------------------------------------------
 
-POSTGRES_ADMIN_URL = os.environ.get("GATEWAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @dataclass
@@ -285,34 +268,26 @@ class SqliteDatabase:
 
 @dataclass
 class PostgresDatabase:
-    """A throw-away database on the local PostgreSQL server (loopback only), dropped afterwards."""
+    """A throw-away database on the local PostgreSQL server (tests.support.postgres), dropped afterwards."""
 
-    name: str
+    name: str = ""
     kind: str = "postgresql"
-
-    def _plain_url(self, database: str) -> str:
-        base, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
-        return f"{base}/{database}"
 
     @property
     def url(self) -> str:
-        return self._plain_url(self.name).replace("postgresql://", "postgresql+asyncpg://", 1)
+        return postgres.async_url(self.name)
 
     async def setup(self) -> PostgresDatabase:
-        """CREATE DATABASE and migrate; raises PeerUnavailable-like RuntimeError if unreachable."""
-        host = POSTGRES_ADMIN_URL.split("@")[-1].split("/")[0].rsplit(":", 1)[0]
+        """CREATE DATABASE and migrate; raises RuntimeError if the server is not on loopback."""
+        host = postgres.ADMIN_URL.split("@")[-1].split("/")[0].rsplit(":", 1)[0]
         if host not in ("127.0.0.1", "localhost", "[::1]"):
             raise RuntimeError(f"PostgreSQL at {host} is not on the loopback interface")
-        conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
-        try:
-            await conn.execute(f'CREATE DATABASE "{self.name}"')
-        finally:
-            await conn.close()
+        self.name = await postgres.create_database()
         GatewayNode.migrate(self.url)
         return self
 
     async def talk_rows(self, room_id: str) -> int:
-        conn = await asyncpg.connect(self._plain_url(self.name), timeout=10)
+        conn = await asyncpg.connect(postgres.plain_url(self.name), timeout=10)
         try:
             value = await conn.fetchval("SELECT count(*) FROM messages WHERE room_id = $1 AND type = 'TALK'",
                                         room_id)
@@ -321,9 +296,6 @@ class PostgresDatabase:
         return int(value)
 
     async def drop(self) -> None:
-        with contextlib.suppress(Exception):
-            conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
-            try:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-            finally:
-                await conn.close()
+        if self.name:
+            with contextlib.suppress(Exception):
+                await postgres.drop_database(self.name)

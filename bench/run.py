@@ -29,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -263,7 +262,7 @@ async def run_gateway_only(plan: Plan, workdir: Path, only: set[str] | None,
             await chat_scenario("chat_redis_2nodes_sqlite", f"{chat_text}; {two_nodes}; one shared SQLite file",
                                 sqlite_db, redis.url, 2)
         if wanted("chat_redis_2nodes_postgres"):
-            postgres = PostgresDatabase(f"chatgw_bench_{uuid.uuid4().hex[:10]}")
+            postgres = PostgresDatabase()
             try:
                 await postgres.setup()
             except Exception as exc:

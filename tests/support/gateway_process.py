@@ -86,7 +86,8 @@ class GatewayProcess:
 
     def __init__(self, settings: Mapping[str, Any] | None = None, *, env: Mapping[str, str] | None = None,
                  port: int | None = None, workdir: Path | None = None, migrate: bool | None = None,
-                 args: Sequence[str] = ()) -> None:
+                 args: Sequence[str] = (), launcher: Sequence[str] | None = None,
+                 cwd: Path | None = None) -> None:
         self.settings = dict(settings or {})
         given = self.settings.pop("port", None)
         self.port = port or int(given or 0) or free_port()
@@ -102,6 +103,11 @@ class GatewayProcess:
             migrate = True if migrate is None else migrate
         self.migrate = bool(migrate)
         self.extra_args = list(args)
+        # How ``chat-gateway`` is invoked (default: the installed console script) and from where
+        # (default: ``workdir``); ``[python, "-m", "gateway.cli"]`` with ``cwd`` = another checkout
+        # runs that checkout's gateway package (the benchmarks' A/B mode).
+        self.launcher = list(launcher) if launcher is not None else [str(BINARY)]
+        self.cwd = cwd
         self.log_path = workdir / "gateway.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -133,7 +139,7 @@ class GatewayProcess:
         return self.process is not None and self.process.poll() is None
 
     def command(self) -> list[str]:
-        argv = [str(BINARY), "serve", "--port", str(self.port)]
+        argv = [*self.launcher, "serve", "--port", str(self.port)]
         for name, value in self.settings.items():
             argv += ["--" + name.replace("_", "-"), _flag_value(value)]
         return argv + self.extra_args
@@ -157,7 +163,8 @@ class GatewayProcess:
                 raise RuntimeError(f"chat-gateway migrate failed:\n{result.stdout}{result.stderr}")
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
-                                        env=_child_env(self.env), cwd=self.workdir, start_new_session=True)
+                                        env=_child_env(self.env), cwd=self.cwd or self.workdir,
+                                        start_new_session=True)
         if wait:
             self.wait_healthy(timeout)
         return self

@@ -31,6 +31,11 @@ def _admin_url_for(database: str) -> str:
     return f"{base}/{database}"
 
 
+def plain_url(database: str) -> str:
+    """The plain ``postgresql://`` URL of ``database`` on the test server (for asyncpg)."""
+    return _admin_url_for(database)
+
+
 def async_url(database: str) -> str:
     """The SQLAlchemy asyncpg URL of ``database`` on the test server."""
     return _admin_url_for(database).replace("postgresql://", "postgresql+asyncpg://", 1)
