@@ -62,6 +62,7 @@ lint: install-test
 	$(BIN)/mypy
 
 bench: install-test node-deps
+	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
