@@ -292,6 +292,10 @@ class StompSession:
             self.close_code = CLOSE_PROTOCOL_ERROR
             events.append(CloseRequested(CLOSE_PROTOCOL_ERROR, "unsupported version"))
             return
+        # The version is known from here on, before anything below can refuse the CONNECT: an ERROR
+        # answering a 1.0 CONNECT (refused credentials, too many sessions, a bad header) must not be
+        # escaped, since STOMP 1.0 has no header escaping.
+        self.version = version
         client_send, client_receive = self._parse_heartbeat(frame.get("heart-beat"))
         user: str | None = None
         if self._authenticate is not None:
@@ -305,7 +309,6 @@ class StompSession:
                 raise ProtocolError("Authentication failed") from None
             if user is not None and ("\n" in user or "\r" in user):
                 raise ProtocolError("Authentication failed: invalid user name")
-        self.version = version
         self.user = user
         self.state = State.CONNECTED
         self._parser.unescape_headers = version != "1.0"

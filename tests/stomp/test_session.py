@@ -146,6 +146,42 @@ def test_authentication_failure_is_an_error_then_close() -> None:
     assert session.closed and session.user is None
 
 
+def _refuse(f: Frame) -> str | None:
+    raise AuthenticationFailed("Authentication failed: bad login or passcode")
+
+
+@pytest.mark.parametrize("headers", [{}, {"accept-version": "1.0"}, {"accept-version": "1.0,2.0"}],
+                         ids=["no-accept-version", "1.0", "1.0-and-unknown"])
+def test_refused_stomp_1_0_connect_error_is_not_escaped(headers: dict[str, str]) -> None:
+    """STOMP 1.0 has no header escaping, also for the ERROR refusing its CONNECT."""
+    session = new_session(authenticator=_refuse)
+    events = session.receive_data(frame("CONNECT", {**headers, "login": "a", "receipt": "r:1"}), 0.0)
+    assert close_of(events).code == 1002 and len(events) == 1
+    assert out_bytes(session) == (b"ERROR\nmessage:Authentication failed: bad login or passcode\n"
+                                  b"receipt-id:r:1\ncontent-length:0\n\n\x00")
+    assert session.closed and session.user is None
+
+
+def test_refused_stomp_1_1_and_1_2_connect_errors_are_escaped() -> None:
+    for version in ("1.1", "1.2"):
+        session = new_session(authenticator=_refuse)
+        session.receive_data(frame("CONNECT", {"accept-version": version, "receipt": "r:1"}), 0.0)
+        assert out_bytes(session) == (b"ERROR\nmessage:Authentication failed\\c bad login or passcode\n"
+                                      b"receipt-id:r\\c1\ncontent-length:0\n\n\x00")
+
+
+def test_stomp_1_0_connect_refused_for_other_reasons_is_not_escaped() -> None:
+    # an invalid user name from the authenticator
+    session = new_session(authenticator=lambda f: "eve\nmessage:forged")
+    session.receive_data(frame("CONNECT", {"login": "eve"}), 0.0)
+    assert out_bytes(session) == (b"ERROR\nmessage:Authentication failed: invalid user name\n"
+                                  b"content-length:0\n\n\x00")
+    # a broken heart-beat header (the value is quoted into the message)
+    session = new_session()
+    session.receive_data(frame("CONNECT", {"heart-beat": "a:b"}), 0.0)
+    assert out_bytes(session) == b"ERROR\nmessage:Invalid heart-beat header 'a:b'\ncontent-length:0\n\n\x00"
+
+
 def test_an_authenticator_crash_is_an_error_without_details() -> None:
     def broken(f: Frame) -> str | None:
         raise RuntimeError("secret internals /etc/passwd")

@@ -216,3 +216,13 @@ async def test_max_sessions_per_user_is_crossed() -> None:
     await until(lambda: "alice" not in hub.user_sessions)
     third, sink3, _ = await make(hub, max_sessions_per_user=1)
     await connect(third, sink3, login="alice")
+
+
+async def test_too_many_sessions_error_to_a_stomp_1_0_connect_is_not_escaped() -> None:
+    first, sink1, hub = await make(max_sessions_per_user=1)
+    await connect(first, sink1, login="ns:alice")
+    second, sink2, _ = await make(hub, max_sessions_per_user=1)
+    await second.receive(frame("CONNECT", {"login": "ns:alice"}))  # no accept-version: STOMP 1.0
+    await until(lambda: bool(sink2.closes))
+    assert b"".join(sink2.sent) == (b"ERROR\nmessage:Too many sessions for user 'ns:alice' (limit 1)\n"
+                                    b"content-length:0\n\n\x00")
