@@ -77,8 +77,9 @@ class Gateway:
 
 def build_gateway(settings: Settings) -> Gateway:
     from gateway.broker.factory import create_broker
+    from gateway.chat.payload import peek_seq
 
-    broker = create_broker(settings)
+    broker = create_broker(settings, room_reader=peek_seq)
     router = MessageRouter(settings.app_prefixes)
     hub = Hub(broker, router, node_id=settings.node_id)
     return Gateway(settings=settings, broker=broker, hub=hub, router=router,

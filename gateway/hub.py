@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -81,7 +81,10 @@ class Subscriber(Protocol):
         """Ask the session to close (optionally after an ERROR frame); must not block."""
 
 
-Handler = Callable[[InboundMessage], Awaitable[None]]
+Handler = Callable[[InboundMessage], Awaitable["asyncio.Future[None] | None"]]
+"""An application destination's handler. It returns None when it is done, or a future that
+resolves when the message is durable (or fails with :class:`MessageRejected`): the session then
+reads on and answers the SEND's RECEIPT when the future resolves, in SEND order."""
 Interceptor = Callable[[Publication], Iterable[Publication]]
 SessionHook = Callable[[SessionInfo], Awaitable[None]]
 SubscriptionHook = Callable[[SessionInfo, str, str], Awaitable[None]]
@@ -251,6 +254,9 @@ class Hub:
 
     async def publish(self, publication: Publication) -> None:
         await self.broker.publish(publication)
+
+    async def publish_many(self, publications: Sequence[Publication]) -> None:
+        await self.broker.publish_many(publications)
 
     def receive_publication(self, publication: Publication) -> None:
         """Broker callback: run interceptors, then fan out locally. Never blocks."""

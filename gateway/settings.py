@@ -83,6 +83,10 @@ class Settings:
         "room", "'room': one Redis channel per room named by roomId (the seed's ChannelTopic); "
         "'single': every room on one channel (the reference master's 'chatroom').")
     redis_channel_prefix: str = _setting("", "Prefix put before every Redis channel name.")
+    redis_payload: str = _setting(
+        "spring", "Room payloads on Redis: 'spring' = the bare ChatMessage JSON Spring servers read (mixed "
+        "fleets); 'envelope' = a seq/room/origin header line before it (gateway-only fleets; Spring "
+        "cannot read it). Receivers accept both.")
     redis_single_channel: str = _setting("chatroom", "Channel name used when redis_channel_mode=single.")
     redis_reconnect_max_s: float = _setting(30.0, "Longest back-off between Redis reconnect attempts.")
     redis_timeout_s: float = _setting(
@@ -91,6 +95,8 @@ class Settings:
         5.0, "Seconds of silence on the Redis pub/sub connection before it is PINGed.")
     redis_pool_size: int = _setting(16, "Most Redis connections one node opens for publishing.")
     presence_ttl_s: int = _setting(30, "Seconds a dead node's presence entries survive before expiring.")
+    presence_refresh_s: float = _setting(
+        1.0, "Seconds between refreshes of the cached cluster-wide room counts put in messages' userCount.")
 
     # --- STOMP destinations ---------------------------------------------------------------------
     app_prefixes: tuple[str, ...] = _setting(("/pub",), "Application destination prefixes (comma list).",
@@ -135,6 +141,12 @@ class Settings:
     max_room_name_chars: int = _setting(100, "Longest room name, characters.")
     history_max_limit: int = _setting(500, "Most messages one history request may return.")
     commit_batch_max: int = _setting(256, "Most messages persisted in one group commit.")
+    send_window: int = _setting(
+        64, "SENDs one session may have in flight (read, not yet committed); RECEIPTs still leave in "
+        "SEND order. 1 = one at a time, as Spring does.")
+    max_pending_sends: int = _setting(
+        1024, "Uncommitted SENDs a node holds before it stops reading from sending sessions (TCP then "
+        "slows the publishers).")
 
     # --- SockJS -------------------------------------------------------------------------------
     sockjs_heartbeat_s: float = _setting(25.0, "Seconds of idleness before SockJS sends an 'h' frame.")
@@ -158,7 +170,7 @@ class Settings:
                          "outbound_max_bytes", "max_message_chars", "max_room_name_chars",
                          "history_max_limit", "commit_batch_max", "sockjs_streaming_limit_bytes",
                          "sockjs_max_cached_messages", "sockjs_max_send_bytes", "workers", "presence_ttl_s",
-                         "redis_pool_size")
+                         "redis_pool_size", "send_window", "max_pending_sends")
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1 (got {getattr(self, name)})")
@@ -169,7 +181,8 @@ class Settings:
                 raise SettingsError(f"{name} must not be negative (got {getattr(self, name)})")
         positive_floats = ("connect_timeout_s", "outbound_send_timeout_s", "sockjs_heartbeat_s",
                            "sockjs_disconnect_delay_s", "drain_timeout_s", "redis_reconnect_max_s",
-                           "redis_timeout_s", "redis_health_check_s", "db_busy_timeout_s")
+                           "redis_timeout_s", "redis_health_check_s", "db_busy_timeout_s",
+                           "presence_refresh_s")
         for name in positive_floats:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive (got {getattr(self, name)})")
@@ -194,6 +207,8 @@ class Settings:
                                  validate=True)
             except (binascii.Error, ValueError):
                 raise SettingsError("jwt_secret must be Base64 (jjwt 0.9 reads String secrets as Base64)") from None
+        if self.redis_payload not in {"spring", "envelope"}:
+            raise SettingsError(f"redis_payload must be spring or envelope (got {self.redis_payload!r})")
         if self.redis_channel_mode not in {"room", "single"}:
             raise SettingsError(f"redis_channel_mode must be room or single (got {self.redis_channel_mode!r})")
         if self.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:

@@ -16,7 +16,7 @@ Must not import Starlette, the transport layer or the chat domain.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -28,6 +28,10 @@ class Publication:
     ``body`` is the MESSAGE body as bytes (ChatMessage JSON for rooms). ``headers`` are extra headers
     every receiver gets besides the standard ones (never credentials). ``content_type`` is put in
     the MESSAGE's ``content-type`` header. ``origin`` is the publishing node's id.
+
+    ``seq`` is the publication's position in its destination's order (a room's gap-free message
+    sequence), carried next to the body so receivers can order without reading the body; None for
+    publications that have no order (plain broker destinations, a Spring node's payload).
     """
 
     destination: str
@@ -35,9 +39,14 @@ class Publication:
     content_type: str | None = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
     origin: str = ""
+    seq: int | None = None
 
 
 PublicationHandler = Callable[[Publication], None]
+RoomPayloadReader = Callable[[bytes], tuple[str | None, int | None]]
+"""Reads ``(room id, seq)`` from a room payload that travels bare, as Spring servers write and read it
+(the chat layer's ChatMessage JSON); either may be None. Supplied by the application, so the broker
+never knows the payload's format."""
 GapHandler = Callable[[frozenset[str]], None]
 """Called with the destinations (and patterns) that may have lost publications."""
 
@@ -66,6 +75,12 @@ class Broker(Protocol):
         """Send ``publication`` to every node subscribed to its destination (this one included).
 
         Raises :class:`BrokerUnavailable` when it could not be sent.
+        """
+
+    async def publish_many(self, publications: Sequence[Publication]) -> None:
+        """Send ``publications`` in order, in as few round trips as the bus allows (one pipeline).
+
+        Raises :class:`BrokerUnavailable` when they could not all be sent; some may have been.
         """
 
     @property

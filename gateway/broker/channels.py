@@ -10,8 +10,15 @@ Naming (``P`` = ``redis_channel_prefix``, rooms are destinations ``<chat_room_pr
 - mode ``room`` (the seed's ``ChannelTopic.of(roomId)``): a room travels on channel ``P<roomId>``;
 - mode ``single`` (the reference master): every room travels on channel ``P<redis_single_channel>``
   and the receiver takes the room from the ChatMessage JSON's ``roomId``;
-- room payloads are the MESSAGE body as-is (ChatMessage JSON, what Spring's
-  ``Jackson2JsonRedisSerializer`` writes and reads), so they carry no origin node id;
+- room payloads (``redis_payload``):
+  - ``spring`` (default): the MESSAGE body as-is (ChatMessage JSON, what Spring's
+    ``Jackson2JsonRedisSerializer`` writes and reads), so a mixed fleet shares the channels; such a
+    payload carries no origin, and its ``seq`` (and in ``single`` mode its room) is read from the
+    body by the application's :data:`~gateway.broker.base.RoomPayloadReader`;
+  - ``envelope`` (gateway-only fleets): one header line ``GW2<US><seq><US><roomId><US><origin>\n``
+    before the body, so receivers order by ``seq`` without reading the body. Spring servers cannot
+    read it. Receivers accept both forms whatever their own setting, so the setting can be changed
+    node by node;
 - everything else (non-room destinations, and room publications a Spring server could not read:
   another content type, extra headers, or in ``single`` mode a body whose ``roomId`` is not the
   destination's) travels on the gateway-only channel ``P gateway:dest:<destination>`` as a JSON
@@ -20,7 +27,8 @@ Naming (``P`` = ``redis_channel_prefix``, rooms are destinations ``<chat_room_pr
 Room ids are non-empty, contain no ``/`` and no Ant wildcard (``*``, ``?``, ``{``) and do not
 start with the reserved ``gateway:``; other destinations under the room prefix are not rooms.
 
-Must not import redis, asyncio, Starlette, the transport layer or the chat domain.
+Must not import redis, asyncio, Starlette, the transport layer or the chat domain (the chat JSON is
+read only through the injected reader).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gateway.broker.base import Publication
+from gateway.broker.base import Publication, RoomPayloadReader
 from gateway.broker.patterns import is_pattern
 
 if TYPE_CHECKING:
@@ -44,6 +52,10 @@ GENERIC_CHANNEL_MARKER = "gateway:dest:"
 RESERVED_ROOM_PREFIX = "gateway:"
 ROOM_CONTENT_TYPE = "application/json"
 ENVELOPE_VERSION = 1
+ROOM_ENVELOPE_MAGIC = b"GW2\x1f"
+"""How a room payload in the ``envelope`` form starts (never the start of a JSON document)."""
+_ROOM_ENVELOPE_SEP = b"\x1f"
+PAYLOAD_FORMS = ("spring", "envelope")
 _GLOB_SPECIAL = frozenset("*?[]\\")
 _ANT_WILDCARDS = ("*", "?", "{")
 
@@ -146,24 +158,16 @@ def _literal_head(pattern: str) -> str:
     return head
 
 
-def _body_room_id(body: bytes) -> str | None:
-    try:
-        message = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(message, dict):
-        return None
-    room_id = message.get("roomId")
-    return room_id if isinstance(room_id, str) else None
-
-
 class SpringChannelMapper:
     """The :class:`ChannelMapper` of a fleet shared with Spring chat servers (see module docstring)."""
 
     def __init__(self, *, mode: str = "room", prefix: str = "", room_prefix: str = "/sub/chat/room/",
-                 single_channel: str = "chatroom", node_id: str = "") -> None:
+                 single_channel: str = "chatroom", node_id: str = "", payload: str = "spring",
+                 room_reader: RoomPayloadReader | None = None) -> None:
         if mode not in {"room", "single"}:
             raise ValueError(f"channel mode must be 'room' or 'single', not {mode!r}")
+        if payload not in PAYLOAD_FORMS:
+            raise ValueError(f"room payload form must be one of {PAYLOAD_FORMS}, not {payload!r}")
         if not room_prefix:
             raise ValueError("room_prefix must not be empty")
         if mode == "single" and not single_channel:
@@ -173,13 +177,15 @@ class SpringChannelMapper:
         self.room_prefix = room_prefix
         self.single_channel = single_channel
         self.node_id = node_id
+        self.payload = payload
+        self.room_reader = room_reader
         self._generic_prefix = prefix + GENERIC_CHANNEL_MARKER
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> SpringChannelMapper:
+    def from_settings(cls, settings: Settings, room_reader: RoomPayloadReader | None = None) -> SpringChannelMapper:
         return cls(mode=settings.redis_channel_mode, prefix=settings.redis_channel_prefix,
                    room_prefix=settings.chat_room_prefix, single_channel=settings.redis_single_channel,
-                   node_id=settings.node_id)
+                   node_id=settings.node_id, payload=settings.redis_payload, room_reader=room_reader)
 
     # --- naming ----------------------------------------------------------------------------------
 
@@ -234,10 +240,18 @@ class SpringChannelMapper:
 
     def encode(self, publication: Publication) -> tuple[str, bytes]:
         room_id = self.room_id(publication.destination)
-        if (room_id is not None and publication.content_type == ROOM_CONTENT_TYPE and not publication.headers
-                and (self.mode == "room" or _body_room_id(publication.body) == room_id)):
-            return self.room_channel(room_id), publication.body
+        if room_id is not None and publication.content_type == ROOM_CONTENT_TYPE and not publication.headers:
+            if self.payload == "envelope":
+                if publication.seq is not None and "\x1f" not in room_id and "\n" not in room_id:
+                    head = f"{publication.seq}\x1f{room_id}\x1f{publication.origin or self.node_id}\n"
+                    return self.room_channel(room_id), ROOM_ENVELOPE_MAGIC + head.encode("utf-8") + publication.body
+            elif self.mode == "room" or self._read_body(publication.body)[0] == room_id:
+                return self.room_channel(room_id), publication.body
         return self.generic_channel(publication.destination), self._envelope(publication)
+
+    def _read_body(self, body: bytes) -> tuple[str | None, int | None]:
+        reader = self.room_reader
+        return (None, None) if reader is None else reader(body)
 
     def _envelope(self, publication: Publication) -> bytes:
         envelope: dict[str, Any] = {
@@ -247,6 +261,8 @@ class SpringChannelMapper:
             "headers": [list(pair) for pair in publication.headers],
             "origin": publication.origin or self.node_id,
         }
+        if publication.seq is not None:
+            envelope["seq"] = publication.seq
         try:
             envelope["body"] = publication.body.decode("utf-8")
         except UnicodeDecodeError:
@@ -259,17 +275,32 @@ class SpringChannelMapper:
         if self.mode == "room":
             if not channel.startswith(self.prefix):
                 return None
-            room_id = channel[len(self.prefix):]
-        else:
-            if channel != self.prefix + self.single_channel:
-                return None
-            found = _body_room_id(payload)
-            if found is None:
-                return None
-            room_id = found
-        if not self.valid_room_id(room_id):
+            channel_room: str | None = channel[len(self.prefix):]
+        elif channel != self.prefix + self.single_channel:
             return None
-        return Publication(self.room_prefix + room_id, payload, ROOM_CONTENT_TYPE)
+        else:
+            channel_room = None
+        if payload.startswith(ROOM_ENVELOPE_MAGIC):
+            return self._open_room_envelope(channel_room, payload)
+        body_room, seq = self._read_body(payload)
+        room_id = channel_room if self.mode == "room" else body_room
+        if room_id is None or not self.valid_room_id(room_id):
+            return None
+        return Publication(self.room_prefix + room_id, payload, ROOM_CONTENT_TYPE, seq=seq)
+
+    def _open_room_envelope(self, channel_room: str | None, payload: bytes) -> Publication | None:
+        head, newline, body = payload[len(ROOM_ENVELOPE_MAGIC):].partition(b"\n")
+        parts = head.split(_ROOM_ENVELOPE_SEP)
+        if not newline or len(parts) != 3 or not parts[0].isdigit():
+            return None
+        try:
+            room_id = parts[1].decode("utf-8")
+            origin = parts[2].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if (channel_room is not None and room_id != channel_room) or not self.valid_room_id(room_id):
+            return None
+        return Publication(self.room_prefix + room_id, body, ROOM_CONTENT_TYPE, origin=origin, seq=int(parts[0]))
 
     @staticmethod
     def _open_envelope(destination: str, payload: bytes) -> Publication | None:
@@ -290,6 +321,9 @@ class SpringChannelMapper:
                 isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in raw_headers):
             return None
         headers = tuple((h[0], h[1]) for h in raw_headers)
+        seq = envelope.get("seq")
+        if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)):
+            return None
         if isinstance(envelope.get("body"), str):
             body = envelope["body"].encode("utf-8")
         elif isinstance(envelope.get("body_base64"), str):
@@ -299,4 +333,4 @@ class SpringChannelMapper:
                 return None
         else:
             return None
-        return Publication(destination, body, content_type, headers, origin)
+        return Publication(destination, body, content_type, headers, origin, seq)

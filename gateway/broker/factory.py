@@ -10,15 +10,18 @@ Must not import Starlette, the transport layer or the chat domain.
 
 from __future__ import annotations
 
-from gateway.broker.base import Broker
+from gateway.broker.base import Broker, RoomPayloadReader
 from gateway.broker.memory import MemoryBroker
 from gateway.settings import Settings
 
 
-def create_broker(settings: Settings) -> Broker:
-    """MemoryBroker when ``settings.redis_url`` is None, else a RedisBroker (not yet started)."""
+def create_broker(settings: Settings, room_reader: RoomPayloadReader | None = None) -> Broker:
+    """MemoryBroker when ``settings.redis_url`` is None, else a RedisBroker (not yet started).
+
+    ``room_reader`` reads ``(roomId, seq)`` from bare (Spring-form) room payloads received from Redis.
+    """
     if settings.redis_url is None:
         return MemoryBroker(settings.node_id)
     from gateway.broker.redis import RedisBroker  # keeps redis-py out of single-node imports
 
-    return RedisBroker.from_settings(settings)
+    return RedisBroker.from_settings(settings, room_reader)

@@ -8,6 +8,7 @@ Must not import Starlette, the transport layer or the chat domain.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 from gateway.broker.base import BrokerUnavailable, GapHandler, Publication, PublicationHandler
 from gateway.broker.patterns import is_pattern, matches
@@ -40,6 +41,10 @@ class MemoryBroker:
         counter[destination] -= 1
         if counter[destination] <= 0:
             del counter[destination]
+
+    async def publish_many(self, publications: Sequence[Publication]) -> None:
+        for publication in publications:
+            await self.publish(publication)
 
     async def publish(self, publication: Publication) -> None:
         handler = self._handler

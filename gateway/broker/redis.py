@@ -19,7 +19,8 @@ auto-reconnect has lost subscriptions, redis-py #2089 and #2417):
   destination: Pub/Sub is at-most-once and anything published meanwhile is gone.
 
 Delivery: every node, the publisher included, receives each publication exactly once through Redis
-(there is no separate local delivery, so no double delivery). When several Redis subscriptions of
+(a chat node also delivers its own room messages locally at once; its sequencer drops the copy that
+comes back by ``seq``). Publishing pipelines a batch of PUBLISH commands in one round trip. When several Redis subscriptions of
 this node match one message (a room channel and a pattern), Redis sends one copy per subscription;
 only the copy of one canonical subscription is used, decided from the subscription state confirmed
 in-band, so the result is exact. Decoded publications are delivered only if the node is subscribed
@@ -35,8 +36,8 @@ import asyncio
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -45,7 +46,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.broker.base import BrokerUnavailable, GapHandler, Publication, PublicationHandler
+from gateway.broker.base import (
+    BrokerUnavailable,
+    GapHandler,
+    Publication,
+    PublicationHandler,
+    RoomPayloadReader,
+)
 from gateway.broker.channels import ChannelMapper, RedisSubscription, SpringChannelMapper, glob_matches
 from gateway.broker.patterns import is_pattern, matches
 
@@ -128,11 +135,11 @@ class RedisBroker:
         """Messages received on a subscribed channel that were not a publication of ours."""
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RedisBroker:
+    def from_settings(cls, settings: Settings, room_reader: RoomPayloadReader | None = None) -> RedisBroker:
         if settings.redis_url is None:
             raise ValueError("redis_url is not set")
         return cls(settings.redis_url, node_id=settings.node_id,
-                   channel_mapper=SpringChannelMapper.from_settings(settings),
+                   channel_mapper=SpringChannelMapper.from_settings(settings, room_reader),
                    reconnect_max_s=settings.redis_reconnect_max_s, timeout_s=settings.redis_timeout_s,
                    health_check_s=settings.redis_health_check_s, pool_size=settings.redis_pool_size)
 
@@ -214,16 +221,26 @@ class RedisBroker:
             self._link.wake.set()
 
     async def publish(self, publication: Publication) -> None:
+        await self.publish_many((publication,))
+
+    async def publish_many(self, publications: Sequence[Publication]) -> None:
+        """PUBLISH every publication, in order, in one pipelined round trip on one connection."""
         client = self._client
         if client is None:
             raise BrokerUnavailable("the Redis broker is not started")
-        if not publication.origin:
-            publication = Publication(publication.destination, publication.body, publication.content_type,
-                                      publication.headers, self.node_id)
-        channel, payload = self.mapper.encode(publication)
+        if not publications:
+            return
+        encoded = [self.mapper.encode(pub if pub.origin else replace(pub, origin=self.node_id))
+                   for pub in publications]
         try:
             async with asyncio.timeout(self.timeout_s):
-                await client.publish(channel, payload)
+                if len(encoded) == 1:
+                    await client.publish(*encoded[0])
+                else:
+                    async with client.pipeline(transaction=False) as pipe:
+                        for channel, payload in encoded:
+                            pipe.publish(channel, payload)
+                        await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"publishing to Redis at {self._where()} failed: "
                                     f"{type(exc).__name__}: {exc}") from exc

@@ -1,7 +1,8 @@
 """Wires the chat domain into a Gateway: storage, presence, service, sequencer, handlers, routes.
 
 Owns the chat layer's start-up and shutdown order: check the schema, start the group-commit
-writer, presence and republisher; on shutdown stop them in reverse after sessions drained.
+writer, presence and publisher; on shutdown (after sessions drained) commit what is queued, publish
+what was committed, then stop presence and close the database.
 """
 
 from __future__ import annotations
@@ -34,17 +35,20 @@ def chat_component(gateway: Gateway) -> Sequence[BaseRoute]:
     settings = gateway.settings
     engine = make_engine(settings.database_url, busy_timeout_s=settings.db_busy_timeout_s)
     repository = ChatRepository(engine)
-    writer = GroupCommitWriter(repository, batch_max=settings.commit_batch_max)
+    writer = GroupCommitWriter(repository, batch_max=settings.commit_batch_max,
+                               max_pending=settings.max_pending_sends)
     presence: Presence
     if settings.redis_url is None:
         presence = MemoryPresence()
     else:
         presence = RedisPresence(settings.redis_url, node_id=settings.node_id,
-                                 prefix=settings.redis_channel_prefix, ttl_s=settings.presence_ttl_s)
+                                 prefix=settings.redis_channel_prefix, ttl_s=settings.presence_ttl_s,
+                                 refresh_s=settings.presence_refresh_s)
     service = ChatService(settings, repository, writer, presence, gateway.hub)
     sequencer = RoomSequencer(settings.chat_room_prefix, history=repository.history,
                               last_seq=repository.last_seq, encode=service.encode,
                               deliver=gateway.hub.deliver_locally)
+    service.deliver_local = sequencer.offer_local
     hub = gateway.hub
     path = settings.chat_message_destination
     for prefix in settings.app_prefixes:
@@ -84,8 +88,9 @@ def chat_component(gateway: Gateway) -> Sequence[BaseRoute]:
         await service.start()
 
     async def shutdown(gw: Gateway) -> None:
-        await service.stop()
-        await writer.stop()
+        # Commit what was read, then publish what was committed, then let go of Redis and the DB.
+        await writer.stop(timeout=settings.drain_timeout_s)
+        await service.stop(timeout=settings.drain_timeout_s)
         await presence.stop()
         await engine.dispose()
 

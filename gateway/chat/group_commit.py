@@ -16,10 +16,16 @@ Guarantees:
 * if a failure hits the COMMIT itself (connection lost mid-commit) the outcome is unknown and the
   one-by-one retry may store a message twice; only a ``client_msg_id`` makes that retry idempotent;
 * :meth:`GroupCommitWriter.stop` refuses new saves and drains every queued message before returning
-  (or, past its timeout, fails what is left with :class:`WriterClosedError`).
+  (or, past its timeout, fails what is left with :class:`WriterClosedError`);
+* ``on_commit`` (when given) sees every committed batch, in commit order and before any of its
+  callers' futures resolve: the chat service publishes and delivers from it, so a room's messages
+  leave this node in ``seq`` order.
 
-The queue needs no size limit of its own: every caller awaits its result, so the number pending is
-bounded by the number of concurrent senders.
+Callers either ``await save(message)`` or take the future of :meth:`submit` (a pipelined session keeps
+several in flight; abandoning such a future never withdraws its message). :meth:`reserve` is the
+node's backpressure: it waits while ``max_pending`` messages are submitted and not yet committed, so
+a caller that reserves before submitting (the chat service, on behalf of a session that then stops
+reading its socket) can never grow the queue past that bound.
 
 It must not import the chat service, the broker, STOMP or transport code.
 """
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.chat.models import NewMessage, SaveResult
@@ -62,15 +69,26 @@ class _Pending:
 
 _STOP = object()
 
+CommitListener = Callable[[Sequence[tuple[NewMessage, SaveResult]]], None]
+"""Called with one committed batch's stored messages (duplicates included), in batch order."""
+
 
 class GroupCommitWriter:
     """Batches concurrent :meth:`save` calls into group commits on ``repository``."""
 
-    def __init__(self, repository: ChatRepository, *, batch_max: int) -> None:
+    def __init__(self, repository: ChatRepository, *, batch_max: int, max_pending: int | None = None,
+                 on_commit: CommitListener | None = None) -> None:
         if batch_max < 1:
             raise ValueError("batch_max must be at least 1")
+        if max_pending is not None and max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
         self._repository = repository
         self._batch_max = batch_max
+        self._max_pending = max_pending
+        self.on_commit = on_commit
+        self._pending = 0
+        self._room = asyncio.Event()      # set while fewer than max_pending are pending
+        self._room.set()
         self._queue: asyncio.Queue[_Pending | object] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
@@ -95,17 +113,34 @@ class GroupCommitWriter:
         self._accepting = True
         self._task = asyncio.create_task(self._run(), name="group-commit-writer")
 
-    async def save(self, message: NewMessage) -> SaveResult:
-        """Store ``message`` in the next group commit; returns after that commit.
+    @property
+    def pending(self) -> int:
+        """Messages submitted and not yet committed (or failed)."""
+        return self._pending
 
-        Raises :class:`StorageError` if the message is refused, :class:`WriterClosedError` if the
-        writer is not running, or the database error if its transaction failed.
+    async def reserve(self) -> None:
+        """Wait until fewer than ``max_pending`` messages are pending (at once when unbounded)."""
+        while self._max_pending is not None and self._pending >= self._max_pending and self._accepting:
+            self._room.clear()
+            await self._room.wait()
+
+    def submit(self, message: NewMessage) -> asyncio.Future[SaveResult]:
+        """Queue ``message`` for the next group commit; the future resolves after that commit.
+
+        Its exception is :class:`StorageError` if the message is refused, or the database error if
+        its transaction failed. Raises :class:`WriterClosedError` at once if the writer is not
+        running. Cancelling the future before its batch starts withdraws the message.
         """
         if not self._accepting:
             raise WriterClosedError("the message writer is not running")
         future: asyncio.Future[SaveResult] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(message, future))
-        return await future
+        self._pending += 1
+        return future
+
+    async def save(self, message: NewMessage) -> SaveResult:
+        """:meth:`submit` and wait for the outcome."""
+        return await self.submit(message)
 
     async def stop(self, timeout: float | None = None) -> None:
         """Refuse new saves, commit everything queued, then end the worker.
@@ -119,6 +154,7 @@ class GroupCommitWriter:
             return
         if self._accepting:
             self._accepting = False
+            self._room.set()  # release reservers: their submit now fails with WriterClosedError
             self._queue.put_nowait(_STOP)
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout)
@@ -161,11 +197,18 @@ class GroupCommitWriter:
             if isinstance(item, _Pending):
                 leftovers.append(item)
         for pending in leftovers:
+            self._settled(1)
             if not pending.future.done():
                 pending.future.set_exception(WriterClosedError("the message writer stopped before commit"))
 
+    def _settled(self, count: int) -> None:
+        self._pending -= count
+        if self._max_pending is None or self._pending < self._max_pending:
+            self._room.set()
+
     async def _commit(self, batch: list[_Pending]) -> None:
         live = [pending for pending in batch if not pending.future.done()]
+        self._settled(len(batch) - len(live))
         if not live:
             return
         self._batches += 1
@@ -183,11 +226,13 @@ class GroupCommitWriter:
             for pending in live:
                 await self._commit_alone(pending)
             return
+        self._announce([(p.message, o) for p, o in zip(live, outcomes, strict=True) if isinstance(o, SaveResult)])
         for pending, outcome in zip(live, outcomes, strict=True):
             self._deliver(pending, outcome)
 
     async def _commit_alone(self, pending: _Pending) -> None:
         if pending.future.done():
+            self._settled(1)
             return
         self._transactions += 1
         try:
@@ -195,10 +240,22 @@ class GroupCommitWriter:
         except Exception as exc:
             self._deliver(pending, exc)
             return
+        if isinstance(outcome, SaveResult):
+            self._announce([(pending.message, outcome)])
         self._deliver(pending, outcome)
+
+    def _announce(self, committed: list[tuple[NewMessage, SaveResult]]) -> None:
+        listener = self.on_commit
+        if listener is None or not committed:
+            return
+        try:
+            listener(committed)
+        except Exception:
+            log.exception("on_commit listener failed for a batch of %d messages", len(committed))
 
     def _deliver(self, pending: _Pending, outcome: SaveResult | StorageError | BaseException) -> None:
         self._messages += 1
+        self._settled(1)
         if pending.future.done():
             return
         if isinstance(outcome, SaveResult):

@@ -2,13 +2,19 @@
 
 Owns: the user counts shown in ``/chat/rooms`` and in every message's ``userCount``.
 
+Every message's ``userCount`` comes from :meth:`Presence.cached`, which never waits: the hot path
+makes no Redis call per message.
+
 - :class:`MemoryPresence` — single node.
 - :class:`RedisPresence` — every node keeps its own hash ``<prefix>gateway:presence:<node>``
   (roomId -> this node's session count) with a TTL it refreshes every ``ttl/3`` seconds, and is listed
   in the set ``<prefix>gateway:presence:nodes``. A room's count is the sum over live nodes (one Lua
   call). A node that dies without running its QUITs stops refreshing; its hash expires after
   ``presence_ttl_s`` and the counts heal. Each node writes only its own hash, so there are no races
-  and counts can never go negative (Spring's counter could).
+  and counts can never go negative (Spring's counter could). Counts read for messages are cached per
+  room on the node: a join or leave on this node updates the room's entry at once (with the
+  cluster-wide count Redis returns), and a timer re-reads, every ``refresh_s``, the rooms this node
+  served messages for lately (one Lua call for all of them), so other nodes' joins show within it.
 
 Must not import Starlette or the transport layer.
 """
@@ -34,6 +40,8 @@ class Presence(Protocol):
         """Count one less local session; returns the room's cluster-wide count."""
     async def count(self, room_id: str) -> int: ...
     async def counts(self, room_ids: Iterable[str]) -> dict[str, int]: ...
+    def cached(self, room_id: str) -> int:
+        """The room's count as last known on this node, without waiting (for a message's userCount)."""
 
 
 class MemoryPresence:
@@ -63,6 +71,9 @@ class MemoryPresence:
     async def counts(self, room_ids: Iterable[str]) -> dict[str, int]:
         return {room_id: self._local.get(room_id, 0) for room_id in room_ids}
 
+    def cached(self, room_id: str) -> int:
+        return self._local.get(room_id, 0)
+
 
 # KEYS[1] = nodes set; ARGV[1] = node hash prefix; ARGV[2..] = room ids. Returns counts in order and
 # drops nodes whose hash expired.
@@ -86,7 +97,8 @@ return totals
 
 
 class RedisPresence:
-    def __init__(self, redis_url: str, *, node_id: str, prefix: str = "", ttl_s: int = 30) -> None:
+    def __init__(self, redis_url: str, *, node_id: str, prefix: str = "", ttl_s: int = 30,
+                 refresh_s: float = 1.0) -> None:
         import redis.asyncio as aioredis
 
         self._redis: Any = aioredis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
@@ -98,17 +110,23 @@ class RedisPresence:
         self._local: Counter[str] = Counter()
         self._task: asyncio.Task[None] | None = None
         self._count_script: Any = None
+        self.refresh_s = refresh_s
+        self._cache: dict[str, int] = {}      # room -> cluster-wide count as last read
+        self._hot: set[str] = set()           # rooms read for messages since the last refresh
+        self._cache_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._count_script = self._redis.register_script(_COUNT_SCRIPT)
         await self._publish_local()
         self._task = asyncio.create_task(self._refresh(), name="presence-refresh")
+        self._cache_task = asyncio.create_task(self._refresh_cache(), name="presence-cache")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._cache_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         with contextlib.suppress(Exception):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self._node_key)
@@ -138,6 +156,21 @@ class RedisPresence:
                 raise
             except Exception as exc:
                 log.warning("presence refresh failed: %s", exc)
+
+    def cached(self, room_id: str) -> int:
+        self._hot.add(room_id)
+        value = self._cache.get(room_id)
+        return self._local.get(room_id, 0) if value is None else value
+
+    async def _refresh_cache(self) -> None:
+        """Re-read the counts of the rooms that had messages lately, and forget the idle ones."""
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            hot, self._hot = self._hot, set()
+            for room_id in [room for room in self._cache if room not in hot and room not in self._local]:
+                del self._cache[room_id]
+            if hot:
+                await self.counts(hot)   # updates the cache; failures are logged there
 
     async def _change(self, room_id: str, delta: int) -> int:
         if delta < 0 and self._local[room_id] <= 0:
@@ -177,4 +210,6 @@ class RedisPresence:
         except Exception as exc:
             log.warning("presence count failed, using local counts: %s", exc)
             return {room: self._local.get(room, 0) for room in rooms}
-        return {room: int(total) for room, total in zip(rooms, totals, strict=True)}
+        result = {room: int(total) for room, total in zip(rooms, totals, strict=True)}
+        self._cache.update(result)
+        return result

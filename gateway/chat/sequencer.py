@@ -15,6 +15,14 @@ message committed later arrives through the bus or through repair. Publications 
 (Spring nodes in a mixed fleet) pass straight through. The interceptor itself never blocks:
 database work runs in a task per room.
 
+``seq`` is taken from :attr:`Publication.seq` (set by the publishing node, carried by the bus
+envelope); only a bare Spring-form payload from Redis without it has its body read.
+
+The node that commits a message offers it here directly (:meth:`offer_local`) before publishing it,
+so its own subscribers do not wait for (or depend on) the bus round trip; the copy that comes back
+through the bus is then a duplicate and dropped. Rooms this node does not track (no exact local
+subscription) take only the bus copy, so pattern subscribers still get each message once.
+
 Must not import Starlette or the transport layer.
 """
 
@@ -33,7 +41,7 @@ log = logging.getLogger(__name__)
 
 HistoryFetch = Callable[[str, int, int], Awaitable[list[StoredMessage]]]
 LastSeqFetch = Callable[[str], Awaitable[int | None]]
-Encode = Callable[[StoredMessage], Awaitable[Publication]]
+Encode = Callable[[StoredMessage], Publication]
 Deliver = Callable[[Publication], object]
 
 REPAIR_BATCH = 200
@@ -90,6 +98,14 @@ class RoomSequencer:
 
     # --- interceptor ----------------------------------------------------------------------------
 
+    def offer_local(self, publication: Publication) -> None:
+        """A message this node just committed: deliver it now, in order, if the room is tracked."""
+        room_id = self.room_of(publication.destination)
+        if room_id is None or room_id not in self._rooms:
+            return
+        for out in self.intercept(publication):
+            self._deliver(out)
+
     def intercept(self, publication: Publication) -> Iterable[Publication]:
         room_id = self.room_of(publication.destination)
         if room_id is None:
@@ -97,7 +113,9 @@ class RoomSequencer:
         state = self._rooms.get(room_id)
         if state is None:
             return (publication,)
-        _, seq = peek_seq(publication.body)
+        seq = publication.seq
+        if seq is None:
+            _, seq = peek_seq(publication.body)
         if seq is None:
             return (publication,)
         if not state.ready or state.task is not None:
@@ -198,7 +216,7 @@ class RoomSequencer:
                 if state.last is not None and stored.seq <= state.last:
                     continue
                 held = state.held.pop(stored.seq, None)
-                publication = held if held is not None else await self._encode(stored)
+                publication = held if held is not None else self._encode(stored)
                 if held is None:
                     self.repaired += 1
                 self._deliver(publication)

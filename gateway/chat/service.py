@@ -6,11 +6,21 @@ Owns the chat rules of the Spring reference:
   one (else the client's ``sender``, else ``UnknownUser``), it is saved through the group-commit
   writer and published to the room only after the commit; a repeated client message id is not
   stored again and is re-published with the original id and seq;
+- the SEND path is pipelined: :meth:`ChatService.handle_send` validates, waits for room in the
+  writer (the node's backpressure, see ``max_pending_sends``), submits, and returns a future that
+  resolves after the commit, so one session can have several SENDs in one group commit;
+- after each group commit (:meth:`ChatService._committed`, in commit order) every stored message is
+  encoded once (``userCount`` from the presence cache, never a Redis call per message), offered to
+  this node's own subscribers at once through the sequencer (no bus round trip, and a frozen Redis
+  does not stop it), and queued for the bus; one publisher task sends whatever is queued as one
+  pipelined batch, in commit order;
 - presence: ENTER on SUBSCRIBE to a room and QUIT on UNSUBSCRIBE, DISCONNECT or a lost connection,
   exactly once per session and room (Spring ran its disconnect path twice); the older frontend
   generation's client-sent ENTER is handled too (``<sender>님이 입장하셨습니다.``);
 - a publish that fails after the commit is retried in the background until the bus is back (the
-  message is durable; receivers' sequencers drop any copy they already delivered).
+  message is durable; receivers' sequencers drop any copy they already delivered). The queue holds
+  at most ``MAX_REPUBLISH_QUEUE`` messages; past it the oldest are dropped with an error log and
+  other nodes get them by seq repair when the room's next message reveals the gap.
 
 Listeners never write to the database: receiving nodes only deliver (see sequencer.py).
 Must not import Starlette or the transport layer.
@@ -22,11 +32,12 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.broker.base import BrokerUnavailable, Publication
-from gateway.chat.group_commit import GroupCommitWriter
-from gateway.chat.models import MessageType, NewMessage, StoredMessage
+from gateway.chat.group_commit import GroupCommitWriter, WriterClosedError
+from gateway.chat.models import MessageType, NewMessage, SaveResult, StoredMessage
 from gateway.chat.payload import (
     SYSTEM_SENDER,
     UNKNOWN_SENDER,
@@ -44,6 +55,7 @@ log = logging.getLogger(__name__)
 
 STATE_ATTR = "chat"                # the session attribute holding its ChatSessionState
 MAX_REPUBLISH_QUEUE = 10000
+PUBLISH_BATCH = 512                # most publications sent in one pipelined round trip
 
 
 def enter_text(name: str) -> str:
@@ -75,6 +87,31 @@ class ChatSessionState:
         return state
 
 
+def _storage_failure(exc: BaseException) -> BaseException:
+    """What a SEND's client is told when its message was not stored."""
+    if isinstance(exc, UnknownRoomError):
+        return MessageRejected(f"Unknown room {exc.room_id!r}")
+    if isinstance(exc, StorageError):
+        return MessageRejected(f"Message not stored: {exc}")
+    if isinstance(exc, WriterClosedError):
+        return MessageRejected("Server shutting down: message not stored, send it again")
+    return exc
+
+
+def _relay(outer: asyncio.Future[None], inner: asyncio.Future[SaveResult]) -> None:
+    if inner.cancelled():
+        if not outer.done():
+            outer.set_exception(MessageRejected("Message not stored"))
+        return
+    exc = inner.exception()
+    if outer.done():
+        return
+    if exc is None:
+        outer.set_result(None)
+    else:
+        outer.set_exception(_storage_failure(exc))
+
+
 class ChatService:
     def __init__(self, settings: Settings, repository: ChatRepository, writer: GroupCommitWriter,
                  presence: Presence, hub: Hub) -> None:
@@ -84,22 +121,33 @@ class ChatService:
         self.presence = presence
         self.hub = hub
         self.room_prefix = settings.chat_room_prefix
+        self.deliver_local: Callable[[Publication], None] | None = None
+        """Where this node's committed messages go first (the sequencer's ``offer_local``)."""
         self._known_rooms: set[str] = set()
-        self._republish: deque[Publication] = deque(maxlen=MAX_REPUBLISH_QUEUE)
-        self._republish_wakeup = asyncio.Event()
-        self._republish_task: asyncio.Task[None] | None = None
+        self._outbox: deque[Publication] = deque()
+        self._outbox_wakeup = asyncio.Event()
+        self._publisher_task: asyncio.Task[None] | None = None
+        self.dropped_publications = 0
+        writer.on_commit = self._committed
 
     async def start(self) -> None:
-        self._republish_task = asyncio.create_task(self._republisher(), name="chat-republisher")
+        self._publisher_task = asyncio.create_task(self._publisher(), name="chat-publisher")
 
-    async def stop(self) -> None:
-        if self._republish_task is not None:
-            self._republish_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._republish_task
-        if self._republish:
-            log.warning("%d committed messages were not re-published before shutdown; receivers "
-                        "repair them from the database by sequence", len(self._republish))
+    async def stop(self, timeout: float = 2.0) -> None:
+        """Send what is queued for the bus (up to ``timeout`` seconds), then stop the publisher."""
+        task = self._publisher_task
+        if task is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._outbox and not task.done() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if self._outbox:
+            log.warning("%d committed messages were not published before shutdown; receivers "
+                        "repair them from the database by sequence", len(self._outbox))
 
     def destination(self, room_id: str) -> str:
         return self.room_prefix + room_id
@@ -117,47 +165,71 @@ class ChatService:
 
     # --- persist once, then publish ---------------------------------------------------------------
 
-    async def encode(self, stored: StoredMessage) -> Publication:
-        count = await self.presence.count(stored.room_id)
-        return Publication(self.destination(stored.room_id), encode_message(stored, count),
-                           origin=self.hub.node_id)
+    def encode(self, stored: StoredMessage) -> Publication:
+        return Publication(self.destination(stored.room_id),
+                           encode_message(stored, self.presence.cached(stored.room_id)),
+                           origin=self.hub.node_id, seq=stored.seq)
 
-    async def persist_and_publish(self, message: NewMessage) -> StoredMessage:
+    def submit(self, message: NewMessage) -> asyncio.Future[None]:
+        """Queue ``message`` for the next group commit; the future resolves after it (or fails with
+        :class:`MessageRejected` saying why the message was not stored)."""
         try:
-            result = await self.writer.save(message)
-        except UnknownRoomError:
-            raise MessageRejected(f"Unknown room {message.room_id!r}") from None
-        except StorageError as exc:
-            raise MessageRejected(f"Message not stored: {exc}") from None
-        publication = await self.encode(result.message)
-        try:
-            await self.hub.publish(publication)
-        except BrokerUnavailable:
-            log.warning("publish of room %s seq %d failed; queued for re-publish", message.room_id,
-                        result.message.seq)
-            self._republish.append(publication)
-            self._republish_wakeup.set()
-        return result.message
+            inner = self.writer.submit(message)
+        except WriterClosedError as exc:
+            raise _storage_failure(exc) from None
+        outer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        inner.add_done_callback(lambda done: _relay(outer, done))
+        return outer
 
-    async def _republisher(self) -> None:
+    async def persist_and_publish(self, message: NewMessage) -> None:
+        await self.submit(message)
+
+    def _committed(self, batch: Sequence[tuple[NewMessage, SaveResult]]) -> None:
+        """A group commit's messages, in commit order: deliver here first, then queue for the bus."""
+        publications = [self.encode(result.message) for _, result in batch]
+        deliver = self.deliver_local
+        if deliver is not None:
+            for publication in publications:
+                deliver(publication)
+        self._outbox.extend(publications)
+        overflow = len(self._outbox) - MAX_REPUBLISH_QUEUE
+        if overflow > 0:
+            for _ in range(overflow):
+                self._outbox.popleft()
+            self.dropped_publications += overflow
+            log.error("publish queue over %d messages: dropped the %d oldest (committed; other nodes "
+                      "repair them by seq when their room's next message arrives)", MAX_REPUBLISH_QUEUE,
+                      overflow)
+        self._outbox_wakeup.set()
+
+    async def _publisher(self) -> None:
         delay = 0.2
+        failing = False
         while True:
-            while not self._republish:
-                self._republish_wakeup.clear()
-                await self._republish_wakeup.wait()
-            publication = self._republish[0]
+            while not self._outbox:
+                self._outbox_wakeup.clear()
+                await self._outbox_wakeup.wait()
+            chunk = [self._outbox[i] for i in range(min(len(self._outbox), PUBLISH_BATCH))]
             try:
-                await self.hub.publish(publication)
-            except BrokerUnavailable:
+                await self.hub.publish_many(chunk)
+            except BrokerUnavailable as exc:
+                if not failing:
+                    log.warning("publishing committed messages failed (%s); %d queued, retrying", exc,
+                                len(self._outbox))
+                failing = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.redis_reconnect_max_s)
                 continue
-            self._republish.popleft()
+            for _ in range(min(len(chunk), len(self._outbox))):
+                self._outbox.popleft()
+            if failing:
+                log.info("publishing recovered")
+            failing = False
             delay = 0.2
 
     # --- /pub/chat/message -------------------------------------------------------------------
 
-    async def handle_send(self, inbound: InboundMessage) -> None:
+    async def handle_send(self, inbound: InboundMessage) -> asyncio.Future[None] | None:
         try:
             chat = decode_inbound(inbound.body, max_chars=self.settings.max_message_chars)
         except InvalidChatMessage as exc:
@@ -174,14 +246,13 @@ class ChatService:
             state = ChatSessionState.of(session)
             state.name = name
             if chat.room_id in state.announced:
-                return  # the server already announced this session in this room
+                return None  # the server already announced this session in this room
             state.announced.add(chat.room_id)
-            await self.persist_and_publish(NewMessage(chat.room_id, MessageType.ENTER, SYSTEM_SENDER,
-                                                      legacy_enter_text(name), client_msg_id))
-            return
+            return self.submit(NewMessage(chat.room_id, MessageType.ENTER, SYSTEM_SENDER,
+                                          legacy_enter_text(name), client_msg_id))
         sender = session.user or chat.sender or UNKNOWN_SENDER
-        await self.persist_and_publish(NewMessage(chat.room_id, MessageType.TALK, sender, chat.message,
-                                                  client_msg_id))
+        await self.writer.reserve()
+        return self.submit(NewMessage(chat.room_id, MessageType.TALK, sender, chat.message, client_msg_id))
 
     # --- presence hooks ------------------------------------------------------------------------
 

@@ -1,6 +1,11 @@
 """One STOMP connection over any transport: the asyncio shell around a sans-I/O StompSession.
 
 Owns: feeding received bytes to the session and executing its events through the hub, the
+window of pipelined SENDs (up to ``send_window`` SENDs to application destinations may be in flight
+at once: the next frames are read while earlier SENDs wait for their group commit, and their
+RECEIPTs, or the ERROR of the first that failed, leave in SEND order; any other frame first waits
+for every SEND before it; a full window stops the reading, so TCP slows the client; a SEND whose
+session closes meanwhile is still committed, only its RECEIPT is not sent), the
 bounded outbound queue and its single writer task (past ``outbound_max_bytes`` queued, or one send
 blocked past ``outbound_send_timeout_s``, the session is closed with 4500 without slowing anyone
 else), the CONNECT deadline, heart-beat timers, and closing exactly once.
@@ -83,6 +88,17 @@ class _Close:
         self.reason = reason
 
 
+class _InFlight:
+    """One SEND read and handed to its handler, in SEND order: done when ``future`` is."""
+
+    __slots__ = ("error", "future", "receipt")
+
+    def __init__(self, future: asyncio.Future[None] | None, receipt: str | None, error: str | None) -> None:
+        self.future = future
+        self.receipt = receipt
+        self.error = error
+
+
 class StompConnection:
     """Implements :class:`gateway.transport.base.Connection` and :class:`gateway.hub.Subscriber`."""
 
@@ -108,6 +124,8 @@ class StompConnection:
         self._lock = asyncio.Lock()
         self._writer_task: asyncio.Task[None] | None = None
         self._aborted = False
+        self._inflight: deque[_InFlight] = deque()
+        self._refusing = False   # a SEND failed: read nothing more, its ERROR closes the session
 
     # --- Connection protocol ----------------------------------------------------------------
 
@@ -122,9 +140,11 @@ class StompConnection:
         self._tasks.append(asyncio.create_task(self._timers(), name=f"stomp-timers-{self.info.session_id}"))
 
     async def receive(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self._refusing:
             return
         async with self._lock:  # transports may call concurrently (SockJS xhr_send)
+            if self.closed or self._refusing:
+                return
             try:
                 events = self.session.receive_data(data, self.clock())
             except Exception:  # a bug in the session: never a traceback on the wire or a dead task
@@ -133,8 +153,15 @@ class StompConnection:
                 return
             self._drain_session()
             for event in events:
-                if self._lost:
+                if self._lost or self._refusing:
                     break
+                if isinstance(event, MessageSent) and not event.to_broker:
+                    await self._submit(event)
+                    continue
+                if self._inflight:
+                    await self._settle()
+                    if self._lost or self._refusing:
+                        break
                 await self._handle(event)
                 self._drain_session()
 
@@ -180,7 +207,7 @@ class StompConnection:
 
     async def _handle(self, event: Event) -> None:
         try:
-            if isinstance(event, MessageSent):
+            if isinstance(event, MessageSent):  # only broker SENDs come here
                 await self._message(event)
             elif isinstance(event, Subscribed):
                 await self.hub.subscribe(self, event.subscription_id, event.destination)
@@ -223,17 +250,83 @@ class StompConnection:
             self._fail("Internal server error", getattr(event, "receipt", None))
 
     async def _message(self, event: MessageSent) -> None:
-        if event.to_broker:
-            content_type = event.get("content-type")
-            await self.hub.publish(Publication(event.destination, event.body, content_type=content_type,
-                                               headers=event.custom_headers, origin=self.hub.node_id))
-        else:
+        """A SEND straight to a broker destination (application SENDs go through :meth:`_submit`)."""
+        content_type = event.get("content-type")
+        await self.hub.publish(Publication(event.destination, event.body, content_type=content_type,
+                                           headers=event.custom_headers, origin=self.hub.node_id))
+        if event.receipt is not None:
+            self.session.send_receipt(event.receipt)
+
+    # --- pipelined SENDs to application destinations ----------------------------------------------
+
+    async def _submit(self, event: MessageSent) -> None:
+        """Hand one SEND to its handler and keep its outcome in the window (see module docstring)."""
+        while len(self._inflight) >= self.settings.send_window and not self._lost:
+            await self._wait_head()
+        if self._lost or self._refusing:
+            return
+        future: asyncio.Future[None] | None = None
+        error: str | None = None
+        try:
             handler = self.hub.router.resolve(event.destination)
             if handler is None:
                 raise MessageRejected(f"No handler for destination {event.destination!r}")
-            await handler(InboundMessage(self.info, event.destination, event.headers, event.body))
-        if event.receipt is not None:
-            self.session.send_receipt(event.receipt)
+            future = await handler(InboundMessage(self.info, event.destination, event.headers, event.body))
+        except MessageRejected as exc:
+            error = str(exc)
+        except BrokerUnavailable:
+            log.warning("session %s: broker unavailable", self.info.session_id)
+            error = "Message broker unavailable, try again"
+        except Exception:
+            log.exception("session %s: internal error handling a SEND", self.info.session_id)
+            error = "Internal server error"
+        self._inflight.append(_InFlight(future, event.receipt, error))
+        if error is not None:
+            self._refusing = True
+        elif future is not None and not future.done():
+            future.add_done_callback(self._send_done)
+        self._advance()
+
+    def _send_done(self, _future: asyncio.Future[None]) -> None:
+        self._advance()
+
+    def _advance(self) -> None:
+        """Answer the SENDs at the head of the window that are done: RECEIPT, or ERROR and close."""
+        inflight = self._inflight
+        while inflight:
+            head = inflight[0]
+            future = head.future
+            if future is not None and not future.done():
+                break
+            inflight.popleft()
+            error = head.error
+            if future is not None:
+                exc = MessageRejected("Message not stored") if future.cancelled() else future.exception()
+                if isinstance(exc, MessageRejected):
+                    error = str(exc)
+                elif exc is not None:
+                    log.error("session %s: a SEND failed", self.info.session_id, exc_info=exc)
+                    error = "Internal server error"
+            if self.closed:
+                continue  # nobody to answer; the message was committed or not, either way not dropped
+            if error is not None:
+                self._refusing = True
+                self._fail(error, head.receipt)
+            elif head.receipt is not None:
+                self.session.send_receipt(head.receipt)
+        if not self.closed:
+            self._drain_session()
+
+    async def _wait_head(self) -> None:
+        head = self._inflight[0]
+        if head.future is not None and not head.future.done():
+            await asyncio.wait((head.future,))  # never cancels the SEND's future
+        self._advance()
+
+    async def _settle(self) -> None:
+        """Wait until every SEND read so far is answered (before any other frame is handled)."""
+        while self._inflight and not self._lost:
+            await self._wait_head()
 
     def _fail(self, message: str, receipt: str | None, *, code: int | None = None) -> None:
         close = self.session.send_error(message, receipt)

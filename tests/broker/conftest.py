@@ -24,6 +24,7 @@ from gateway.broker.base import Broker, Publication
 from gateway.broker.channels import SpringChannelMapper
 from gateway.broker.memory import MemoryBroker
 from gateway.broker.redis import RedisBroker
+from gateway.chat.payload import peek_seq
 from tests.support.redis_server import RedisServer, RedisServerMissing
 
 BARRIER = "/sub/test/barrier"
@@ -115,7 +116,7 @@ class Bus:
         return self.kind.removeprefix("redis-")
 
     def mapper(self, node_id: str) -> SpringChannelMapper:
-        return SpringChannelMapper(mode=self.mode, prefix=self.prefix, node_id=node_id)
+        return SpringChannelMapper(mode=self.mode, prefix=self.prefix, node_id=node_id, room_reader=peek_seq)
 
     def broker(self, node_id: str, **options: Any) -> Broker:
         if self.kind == "memory":

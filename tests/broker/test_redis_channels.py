@@ -20,6 +20,7 @@ from redis.asyncio.client import PubSub
 
 from gateway.broker.base import Publication
 from gateway.broker.channels import (
+    ROOM_ENVELOPE_MAGIC,
     RedisSubscription,
     SpringChannelMapper,
     glob_escape,
@@ -28,6 +29,7 @@ from gateway.broker.channels import (
 from gateway.broker.factory import create_broker
 from gateway.broker.memory import MemoryBroker
 from gateway.broker.redis import RedisBroker
+from gateway.chat.payload import peek_seq
 from gateway.settings import load_settings
 from tests.broker.conftest import Bus, Node, eventually
 from tests.support.redis_server import RedisServer
@@ -211,7 +213,7 @@ def test_create_broker_from_settings() -> None:
                               "GATEWAY_REDIS_SINGLE_CHANNEL": "rooms",
                               "GATEWAY_REDIS_TIMEOUT_S": "1.5",
                               "GATEWAY_REDIS_POOL_SIZE": "3"}, node_id="node-a")
-    broker = create_broker(settings)
+    broker = create_broker(settings, room_reader=peek_seq)
     assert isinstance(broker, RedisBroker)
     assert (broker.node_id, broker.timeout_s, broker.pool_size, broker.reconnect_max_s) == ("node-a", 1.5, 3, 30.0)
     mapper = broker.mapper
@@ -234,7 +236,7 @@ def psub(name: str) -> RedisSubscription:
 
 def test_exact_destinations_map_to_channels() -> None:
     room = SpringChannelMapper(prefix="p:")
-    single = SpringChannelMapper(mode="single", prefix="p:")
+    single = SpringChannelMapper(mode="single", prefix="p:", room_reader=peek_seq)
     assert room.subscriptions(ROOM + "r1") == {sub("p:r1"), sub("p:gateway:dest:/sub/chat/room/r1")}
     assert single.subscriptions(ROOM + "r1") == {sub("p:chatroom"), sub("p:gateway:dest:/sub/chat/room/r1")}
     assert room.subscriptions("/sub/other/x") == {sub("p:gateway:dest:/sub/other/x")}
@@ -250,7 +252,7 @@ def test_non_room_destinations(destination: str) -> None:
 
 def test_patterns_map_to_psubscribe_or_the_single_channel() -> None:
     room = SpringChannelMapper(prefix="p:")
-    single = SpringChannelMapper(mode="single", prefix="p:")
+    single = SpringChannelMapper(mode="single", prefix="p:", room_reader=peek_seq)
     envelope_all = psub("p:gateway:dest:/sub*")
     assert room.subscriptions("/sub/chat/room/*") == {psub("p:*"), psub("p:gateway:dest:/sub/chat/room/*")}
     assert room.subscriptions("/sub/chat/room/ab*") == {psub("p:ab*"), psub("p:gateway:dest:/sub/chat/room/ab*")}
@@ -274,7 +276,7 @@ def test_glob_special_characters_in_names_are_escaped() -> None:
 
 def test_decode_rejects_what_is_not_ours() -> None:
     room = SpringChannelMapper(prefix="p:")
-    single = SpringChannelMapper(mode="single", prefix="p:")
+    single = SpringChannelMapper(mode="single", prefix="p:", room_reader=peek_seq)
     assert room.decode("other:r1", b"{}") is None
     assert room.decode("p:a/b", b"{}") is None
     assert room.decode("p:gateway:other", b"{}") is None
@@ -308,19 +310,21 @@ publications = st.builds(
     Publication, destinations, st.binary(max_size=64),
     st.one_of(st.none(), st.just("application/json"), st.just("text/plain")),
     st.lists(st.tuples(segment, st.text(max_size=8)), max_size=3).map(tuple),
-    st.just("origin-node"))
+    st.just("origin-node"), st.one_of(st.none(), st.integers(min_value=1, max_value=2**53)))
 
 
-@given(publications, st.sampled_from(["room", "single"]), st.sampled_from(["", "p:", "*x["]))
-def test_encode_then_decode_round_trips(publication: Publication, mode: str, prefix: str) -> None:
-    mapper = SpringChannelMapper(mode=mode, prefix=prefix)
+@given(publications, st.sampled_from(["room", "single"]), st.sampled_from(["", "p:", "*x["]),
+       st.sampled_from(["spring", "envelope"]))
+def test_encode_then_decode_round_trips(publication: Publication, mode: str, prefix: str, payload_form: str) -> None:
+    mapper = SpringChannelMapper(mode=mode, prefix=prefix, payload=payload_form, room_reader=peek_seq)
     channel, payload = mapper.encode(publication)
     decoded = mapper.decode(channel, payload)
     assert decoded is not None
-    raw_room = not channel.startswith(prefix + "gateway:dest:")
-    expected_origin = "" if raw_room else publication.origin
-    assert decoded == Publication(publication.destination, publication.body, publication.content_type,
-                                  publication.headers, expected_origin)
+    bare = not channel.startswith(prefix + "gateway:dest:") and not payload.startswith(ROOM_ENVELOPE_MAGIC)
+    # A bare (Spring-form) payload carries no origin, and its seq only inside the body.
+    expected = (Publication(publication.destination, publication.body, publication.content_type,
+                            publication.headers, "", peek_seq(publication.body)[1]) if bare else publication)
+    assert decoded == expected
     # the channel is one the destination subscribes to
     assert any(s.name == channel for s in mapper.subscriptions(publication.destination))
 

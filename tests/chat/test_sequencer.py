@@ -45,7 +45,7 @@ class World:
     async def last_seq(self, room: str) -> int | None:
         return max((m.seq for m in self.committed if m.room_id == room), default=0)
 
-    async def encode(self, message: StoredMessage) -> Publication:
+    def encode(self, message: StoredMessage) -> Publication:
         return pub(message.seq, message.room_id)
 
     def deliver(self, publication: Publication) -> None:
