@@ -8,11 +8,16 @@ opened on each backend:
   ``BEGIN`` statements) or ``postgresql+asyncpg://`` (pre-ping).
 * :func:`write_transaction` opens a write transaction: on SQLite it starts with ``BEGIN IMMEDIATE``
   so the write lock is taken up front (no deadlock between two deferred readers upgrading), on
-  PostgreSQL a plain transaction in which the room counter rows are locked ``FOR UPDATE``.
-* Sequence numbers come from ``rooms.last_seq``: the inserting transaction locks the room row, reads
-  the counter, inserts the messages with the next numbers and writes the counter back, all before
-  commit. A rolled-back transaction rolls the counter back too, so numbers are gap-free; rooms are
-  locked in sorted order so two multi-room batches cannot deadlock.
+  PostgreSQL a plain transaction in which the room counter rows are locked ``FOR NO KEY UPDATE``.
+* Sequence numbers come from ``rooms.last_seq``. A batch is saved set-based, in a fixed number of
+  statements however many rooms it touches: one lookup of all its client message ids, one statement
+  that locks every room getting new rows (on PostgreSQL in sorted ``room_id`` order, so two nodes
+  writing overlapping rooms cannot deadlock; on SQLite the write lock already serialises writers),
+  advances each counter by the room's number of new rows and returns the new values, and one INSERT
+  of all new rows numbered up to those values. A rolled-back transaction rolls the counters back
+  too, so numbers are gap-free. The lookup runs before the lock, so on PostgreSQL another node may
+  commit one of the batch's client ids in between: the INSERT then violates the unique index and the
+  batch is retried from the lookup, which sees that row.
 
 It must not import the chat service, the broker, STOMP or transport code; the group commit lives in
 ``gateway.chat.group_commit`` and builds on :meth:`ChatRepository.save_batch`.
@@ -24,10 +29,12 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from functools import lru_cache
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -49,8 +56,11 @@ SQLITE_BEGIN_OPTION = "gateway_sqlite_begin"
 
 _SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
 
-# Client message ids looked up per statement; well under SQLite's and PostgreSQL's bind limits.
-_LOOKUP_CHUNK = 500
+#: SQLite's default SQLITE_MAX_VARIABLE_NUMBER (since 3.32): bind parameters per statement.
+SQLITE_MAX_BINDS = 32766
+
+# The unique index that makes client message ids idempotent (see gateway.chat.models).
+_CLIENT_ID_INDEX = "uq_messages_room_client_msg_id"
 
 
 class StorageError(Exception):
@@ -141,11 +151,6 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _chunks(values: Sequence[str], size: int) -> Iterable[Sequence[str]]:
-    for start in range(0, len(values), size):
-        yield values[start:start + size]
-
-
 def _check(message: NewMessage) -> StorageError | None:
     """Per-message checks that must reject one message without failing its batch."""
     try:
@@ -162,6 +167,129 @@ def _check(message: NewMessage) -> StorageError | None:
     if message.created_at is not None and message.created_at.tzinfo is None:
         return InvalidMessageError("created_at must be timezone-aware")
     return None
+
+
+# --- the batch statements ---------------------------------------------------------------------------
+#
+# PostgreSQL gets each list of values as one array parameter, so its three statements have a fixed text
+# (asyncpg prepares each once per connection) and no bind limit. SQLite has no arrays: its statements
+# carry one VALUES row per room or message and are split only past SQLITE_MAX_BINDS.
+
+_T = TypeVar("_T")
+_COLUMNS = ", ".join(f"m.{column.name}" for column in messages.c)
+_TEXTS = postgresql.ARRAY(sa.String())
+
+_PG_LOOKUP = sa.text(
+    f"SELECT {_COLUMNS} FROM unnest(:room_ids, :client_msg_ids) AS wanted(room_id, client_msg_id) "
+    "JOIN messages AS m ON m.room_id = wanted.room_id AND m.client_msg_id = wanted.client_msg_id "
+    "WHERE m.client_msg_id IS NOT NULL"
+).bindparams(sa.bindparam("room_ids", type_=_TEXTS), sa.bindparam("client_msg_ids", type_=_TEXTS)
+             ).columns(*messages.c)
+
+# The CTE takes the row locks in room_id order (LockRows sits above the Sort), so two transactions
+# with overlapping rooms queue up on their first common room instead of deadlocking; the UPDATE then
+# only touches rows the CTE locked and, under READ COMMITTED, adds to the newest committed last_seq.
+_PG_ADVANCE = sa.text(
+    "WITH locked AS MATERIALIZED ("
+    " SELECT room_id FROM rooms WHERE room_id = ANY(:room_ids) ORDER BY room_id FOR NO KEY UPDATE) "
+    "UPDATE rooms SET last_seq = rooms.last_seq + wanted.n "
+    "FROM unnest(:room_ids, :counts) AS wanted(room_id, n) "
+    "WHERE rooms.room_id = wanted.room_id AND rooms.room_id IN (SELECT room_id FROM locked) "
+    "RETURNING rooms.room_id, rooms.last_seq"
+).bindparams(sa.bindparam("room_ids", type_=_TEXTS),
+             sa.bindparam("counts", type_=postgresql.ARRAY(sa.BigInteger())))
+
+_PG_INSERT = sa.text(
+    f"INSERT INTO messages AS m ({', '.join(c.name for c in messages.c if c.name != 'id')}) "
+    "SELECT * FROM unnest(:room_id, :seq, :type, :sender, :message, :created_at, :client_msg_id) "
+    f"RETURNING {_COLUMNS}"
+).bindparams(*(sa.bindparam(column.name, type_=postgresql.ARRAY(column.type))
+               for column in messages.c if column.name != "id")).columns(*messages.c)
+
+
+def _chunks(values: Sequence[_T], size: int) -> Iterable[Sequence[_T]]:
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+async def _lookup_postgres(conn: AsyncConnection, pairs: Sequence[tuple[str, str]]) -> Sequence[Any]:
+    result = await conn.execute(_PG_LOOKUP, {"room_ids": [room for room, _ in pairs],
+                                             "client_msg_ids": [cid for _, cid in pairs]})
+    return result.all()
+
+
+async def _advance_postgres(conn: AsyncConnection, counts: Sequence[tuple[str, int]]) -> Sequence[Any]:
+    result = await conn.execute(_PG_ADVANCE, {"room_ids": [room for room, _ in counts],
+                                              "counts": [n for _, n in counts]})
+    return result.all()
+
+
+async def _insert_postgres(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> Sequence[Any]:
+    columns = [column.name for column in messages.c if column.name != "id"]
+    result = await conn.execute(_PG_INSERT, {name: [row[name] for row in rows] for name in columns})
+    return result.all()
+
+
+@lru_cache(maxsize=64)
+def _sqlite_lookup(size: int) -> sa.TextClause:
+    wanted = ", ".join(f"(:r{i}, :c{i})" for i in range(size))
+    # CROSS JOIN keeps the VALUES list as the outer loop: one index search per pair, no table scan
+    # (a row-value IN over VALUES scans the whole index on SQLite 3.40).
+    return sa.text(
+        f"SELECT {_COLUMNS} FROM (VALUES {wanted}) AS wanted "
+        "CROSS JOIN messages AS m ON m.room_id = wanted.column1 AND m.client_msg_id = wanted.column2 "
+        "WHERE m.client_msg_id IS NOT NULL")
+
+
+@lru_cache(maxsize=64)
+def _sqlite_advance(size: int) -> sa.TextClause:
+    wanted = ", ".join(f"(:r{i}, :n{i})" for i in range(size))
+    # BEGIN IMMEDIATE already holds the database write lock, so there is no row lock order to keep.
+    return sa.text(
+        f"WITH wanted(room_id, n) AS (VALUES {wanted}) "
+        "UPDATE rooms SET last_seq = rooms.last_seq + wanted.n FROM wanted WHERE rooms.room_id = wanted.room_id "
+        "RETURNING rooms.room_id, rooms.last_seq")
+
+
+async def _lookup_sqlite(conn: AsyncConnection, pairs: Sequence[tuple[str, str]]) -> list[Any]:
+    found: list[Any] = []
+    for chunk in _chunks(pairs, SQLITE_MAX_BINDS // 2):
+        params = {f"{key}{i}": value for i, (room, cid) in enumerate(chunk)
+                  for key, value in (("r", room), ("c", cid))}
+        found += (await conn.execute(_sqlite_lookup(len(chunk)).columns(*messages.c), params)).all()
+    return found
+
+
+async def _advance_sqlite(conn: AsyncConnection, counts: Sequence[tuple[str, int]]) -> list[Any]:
+    advanced: list[Any] = []
+    for chunk in _chunks(counts, SQLITE_MAX_BINDS // 2):
+        params: dict[str, Any] = {}
+        for i, (room, n) in enumerate(chunk):
+            params[f"r{i}"] = room
+            params[f"n{i}"] = n
+        advanced += (await conn.execute(_sqlite_advance(len(chunk)), params)).all()
+    return advanced
+
+
+async def _insert_sqlite(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> list[Any]:
+    inserted: list[Any] = []
+    for chunk in _chunks(rows, SQLITE_MAX_BINDS // len(messages.c)):
+        inserted += (await conn.execute(sa.insert(messages).values(list(chunk)).returning(*messages.c))).all()
+    return inserted
+
+
+def _client_id_pairs(batch: Iterable[NewMessage]) -> set[tuple[str, str]]:
+    """The distinct (room_id, client_msg_id) pairs of the messages that carry a client id."""
+    return {(message.room_id, message.client_msg_id) for message in batch
+            if isinstance(message.client_msg_id, str) and message.client_msg_id
+            and isinstance(message.room_id, str)}
+
+
+def _is_client_id_conflict(exc: sa.exc.IntegrityError) -> bool:
+    """Whether ``exc`` is a violation of the client-id unique index (named on PostgreSQL, by its
+    columns on SQLite), as opposed to any other constraint or a trigger."""
+    detail = str(exc.orig)
+    return _CLIENT_ID_INDEX in detail or "messages.room_id, messages.client_msg_id" in detail
 
 
 class ChatRepository:
@@ -217,11 +345,7 @@ class ChatRepository:
         """
         if not batch:
             return []
-        async with write_transaction(self._engine) as conn:
-            outcomes = await self._save_in(conn, batch)
-            for outcome in outcomes:
-                if isinstance(outcome, StorageError):
-                    raise outcome
+        outcomes = await self._save(batch, all_or_nothing=True)
         return [outcome for outcome in outcomes if isinstance(outcome, SaveResult)]
 
     async def save_batch(self, batch: Sequence[NewMessage]) -> list[SaveResult | StorageError]:
@@ -229,14 +353,48 @@ class ChatRepository:
 
         A refused message (unknown room, invalid) gets its :class:`StorageError` as outcome and does
         not stop the others. Database failures (connection lost, ...) still raise for the whole batch.
+        The transaction runs a fixed number of statements however many rooms the batch touches (see
+        :meth:`_save_in`).
         """
         if not batch:
             return []
-        async with write_transaction(self._engine) as conn:
-            return await self._save_in(conn, batch)
+        return await self._save(batch, all_or_nothing=False)
+
+    async def _save(self, batch: Sequence[NewMessage], *, all_or_nothing: bool) -> list[SaveResult | StorageError]:
+        # The client-id lookup runs before the room rows are locked, so on PostgreSQL another node can
+        # commit one of the batch's client ids in between; the INSERT then violates the unique index and
+        # the whole transaction (counters included) rolls back. The next attempt's lookup sees that row.
+        # Every such retry is caused by a different client id becoming visible, so retrying at most once
+        # per client id of the batch always ends.
+        attempts = 1 + len(_client_id_pairs(batch))
+        for attempt in range(1, attempts + 1):
+            try:
+                async with write_transaction(self._engine) as conn:
+                    outcomes = await self._save_in(conn, batch)
+                    if all_or_nothing:
+                        for outcome in outcomes:
+                            if isinstance(outcome, StorageError):
+                                raise outcome
+                    return outcomes
+            except sa.exc.IntegrityError as exc:
+                if attempt == attempts or not _is_client_id_conflict(exc):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _save_in(self, conn: AsyncConnection, batch: Sequence[NewMessage]) -> list[SaveResult | StorageError]:
+        """Save ``batch`` inside ``conn``'s write transaction in at most three statements:
+
+        1. one lookup of every (room, client id) pair of the batch (skipped when there is none);
+        2. one statement that locks the rooms that get new rows, in sorted order, advances each room's
+           ``last_seq`` by its number of new rows and returns the new values (a room missing from the
+           answer does not exist);
+        3. one multi-row INSERT ... RETURNING of every new row.
+
+        On SQLite a statement is split only if it would pass the bind-parameter limit (thousands of
+        rows); on PostgreSQL the values travel as arrays, so the statement text never changes.
+        """
         now = _utcnow()
+        postgres = conn.dialect.name == "postgresql"
         outcomes: list[SaveResult | StorageError | None] = [None] * len(batch)
         by_room: dict[str, list[int]] = {}
         for index, message in enumerate(batch):
@@ -246,57 +404,66 @@ class ChatRepository:
             else:
                 by_room.setdefault(message.room_id, []).append(index)
 
-        # Lock rooms in a fixed order so that two transactions touching the same rooms cannot deadlock.
-        for room_id in sorted(by_room):
-            indexes = by_room[room_id]
-            counter = (await conn.execute(
-                sa.select(rooms.c.last_seq).where(rooms.c.room_id == room_id).with_for_update())).first()
-            if counter is None:
-                for index in indexes:
+        # 1. Which client ids are stored already (the original rows answer their duplicates).
+        pairs = sorted(_client_id_pairs(batch[i] for indexes in by_room.values() for i in indexes))
+        stored: dict[tuple[str, str], StoredMessage] = {}
+        if pairs:
+            for row in await (_lookup_postgres(conn, pairs) if postgres else _lookup_sqlite(conn, pairs)):
+                found = StoredMessage.from_row(row)
+                assert found.client_msg_id is not None
+                stored[(found.room_id, found.client_msg_id)] = found
+
+        # Which messages need a new row; which repeat a stored row or an earlier message of the batch.
+        new_by_room: dict[str, list[int]] = {}
+        repeats: list[tuple[int, int]] = []
+        for room_id, indexes in by_room.items():
+            first_new: dict[str, int] = {}
+            for index in indexes:
+                cid = batch[index].client_msg_id
+                if cid is not None:
+                    original = stored.get((room_id, cid))
+                    if original is not None:
+                        outcomes[index] = SaveResult(message=original, duplicate=True)
+                        continue
+                    if cid in first_new:
+                        repeats.append((index, first_new[cid]))
+                        continue
+                    first_new[cid] = index
+                new_by_room.setdefault(room_id, []).append(index)
+
+        # 2. Lock and advance the counters of the rooms that get rows, all at once.
+        counts = sorted((room_id, len(indexes)) for room_id, indexes in new_by_room.items())
+        last_seqs: dict[str, int] = {}
+        if counts:
+            advanced = await (_advance_postgres(conn, counts) if postgres else _advance_sqlite(conn, counts))
+            last_seqs = {str(row[0]): int(row[1]) for row in advanced}
+
+        # 3. Insert the new rows: room R advanced to L with n new messages gets L-n+1..L in batch order.
+        index_by_key: dict[tuple[str, int], int] = {}
+        rows: list[dict[str, Any]] = []
+        for room_id, indexes in new_by_room.items():
+            last = last_seqs.get(room_id)
+            if last is None:
+                for index in by_room[room_id]:
                     outcomes[index] = UnknownRoomError(room_id)
                 continue
-            seq = int(counter.last_seq)
-
-            # Holding the room lock, nobody else can insert a given client id into this room now.
-            wanted = sorted({cid for i in indexes if (cid := batch[i].client_msg_id) is not None})
-            stored: dict[str, StoredMessage] = {}
-            for chunk in _chunks(wanted, _LOOKUP_CHUNK):
-                rows = await conn.execute(sa.select(messages).where(
-                    messages.c.room_id == room_id, messages.c.client_msg_id.in_(chunk)))
-                for row in rows:
-                    stored[row.client_msg_id] = StoredMessage.from_row(row)
-
-            params: list[dict[str, Any]] = []
-            index_by_seq: dict[int, int] = {}
-            first_new: dict[str, int] = {}
-            repeats: list[tuple[int, int]] = []
-            for index in indexes:
+            for seq, index in enumerate(indexes, start=last - len(indexes) + 1):
                 message = batch[index]
-                cid = message.client_msg_id
-                if cid is not None and cid in stored:
-                    outcomes[index] = SaveResult(message=stored[cid], duplicate=True)
-                    continue
-                if cid is not None and cid in first_new:
-                    repeats.append((index, first_new[cid]))
-                    continue
-                if cid is not None:
-                    first_new[cid] = index
-                seq += 1
-                index_by_seq[seq] = index
-                params.append({
+                index_by_key[(room_id, seq)] = index
+                rows.append({
                     "room_id": room_id, "seq": seq, "type": MessageType(message.type).value,
                     "sender": message.sender, "message": message.message,
-                    "created_at": message.created_at or now, "client_msg_id": cid,
+                    "created_at": message.created_at or now, "client_msg_id": message.client_msg_id,
                 })
-            if params:
-                await conn.execute(sa.update(rooms).where(rooms.c.room_id == room_id).values(last_seq=seq))
-                inserted = await conn.execute(sa.insert(messages).returning(*messages.c), params)
-                for row in inserted:
-                    saved = StoredMessage.from_row(row)
-                    outcomes[index_by_seq[saved.seq]] = SaveResult(message=saved, duplicate=False)
-            for index, original in repeats:
-                first = outcomes[original]
-                assert isinstance(first, SaveResult)
+        rows.sort(key=lambda row: index_by_key[(row["room_id"], row["seq"])])  # ids follow batch order
+        if rows:
+            for row in await (_insert_postgres(conn, rows) if postgres else _insert_sqlite(conn, rows)):
+                saved = StoredMessage.from_row(row)
+                outcomes[index_by_key[(saved.room_id, saved.seq)]] = SaveResult(message=saved, duplicate=False)
+
+        for index, first_index in repeats:
+            first = outcomes[first_index]
+            if isinstance(first, SaveResult):  # else the room is unknown and the repeat says so already
                 outcomes[index] = SaveResult(message=first.message, duplicate=True)
 
         result: list[SaveResult | StorageError] = []
