@@ -96,7 +96,7 @@ async def serve_receiver(registry: SessionRegistry, transport: ReceivingTranspor
         await _body_chunk(send, protocol.EVENTSOURCE_PRELUDE)
     elif transport is HTMLFILE:
         await _body_chunk(send, protocol.htmlfile_prelude(callback or ""))
-    attached = session.attach()
+    attached = await session.attach_when_free()
     if isinstance(attached, str):
         await _body_chunk(send, transport.fmt(attached), more=False)
         return

@@ -2,7 +2,8 @@
 
 Owns: the session's life (open until closed by the connection, the server, an aborted receiver, a
 slow consumer or the disconnect-delay reaper), the queue of messages between receivers, the rule of
-one receiver at a time (a second one gets ``c[2010,...]``), what the next frame for a receiver is
+one receiver at a time (a second one gets ``c[2010,...]`` once the first has had
+``RECEIVER_HANDOVER_S`` to turn out gone), what the next frame for a receiver is
 (``o``, then ``a[...]`` of everything queued, then ``c[...]`` once closed; ``h`` after an idle
 heartbeat interval), and calling ``connection_lost()`` exactly once.
 
@@ -37,6 +38,15 @@ logger = logging.getLogger(__name__)
 
 SLOW_CONSUMER_REASON = "Too many messages queued for the client"
 INTERNAL_ERROR_REASON = "Internal error"
+
+# How long a new HTTP receiver waits for the one still attached to end before it is refused with
+# c[2010,...]. A client that aborts a receiver and at once sends the next one is common (sockjs-client
+# after an abort, a proxy that forwards the new request before it closes the old upstream connection):
+# its new request can reach the application before the server has processed the old connection's
+# close. Waiting on the old receiver (it ends as soon as its disconnect is processed) turns that race
+# into the answer the abort deserves (c[1002,...]). A receiver that is genuinely still open only makes
+# the refusal this much later.
+RECEIVER_HANDOVER_S = 1.0
 
 
 class SessionOwner(Protocol):
@@ -184,6 +194,26 @@ class SockJSSession:
         if not self.closed:
             self._cancel_timer()
         return receiver
+
+    async def attach_when_free(self, wait_s: float = RECEIVER_HANDOVER_S) -> Receiver | str:
+        """:meth:`attach` for a new HTTP receiver, after giving a receiver still attached ``wait_s`` to end.
+
+        The attached receiver may belong to a request its client already aborted whose disconnect the
+        server has not processed yet; it detaches as soon as it is. If it does within ``wait_s``, this
+        receiver takes its place: it gets the close frame when the abort closed the session
+        (``c[1002,"Connection interrupted"]``), or becomes the receiver when the old one finished
+        normally. Only a receiver still attached after ``wait_s`` makes this one a ``c[2010,...]``.
+        """
+        deadline = self._loop.time() + wait_s
+        while self._receiver is not None and not self.closed:
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._no_receiver.wait(), remaining)
+            except TimeoutError:
+                break
+        return self.attach()
 
     def detach(self, receiver: Receiver) -> None:
         """The receiver finished its response normally; an open HTTP session starts its reap timer."""

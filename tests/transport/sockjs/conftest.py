@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,6 +184,72 @@ async def run_server(app: Any) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
+
+
+class ThreadedServer:
+    """uvicorn serving ``app`` on 127.0.0.1:<free port> in a thread with its own event loop.
+
+    Unlike :func:`run_server` (same loop as the test), blocking clients in other threads race this
+    server for real: their requests and disconnects reach its loop in whatever order the kernel and
+    the scheduler produce.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning",
+                                                    timeout_graceful_shutdown=2))
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            await self.server.serve(sockets=[self._sock])
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported by start()
+            self._error = exc
+
+    def start(self, timeout: float = 10.0) -> ThreadedServer:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if self._error is not None or not self._thread.is_alive():
+                raise RuntimeError(f"uvicorn failed to start: {self._error!r}")
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        return self
+
+    def call(self, factory: Callable[[], Coroutine[Any, Any, Any]], timeout: float = 10.0) -> Any:
+        """Run a coroutine on the server's loop and return its result."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(factory(), self.loop).result(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout)
+        self._sock.close()
+
+
+@contextlib.contextmanager
+def threaded_services(**overrides: Any) -> Iterator[tuple[ThreadedServer, Services]]:
+    """:func:`build_services` served by a :class:`ThreadedServer`; sessions drained and server stopped after."""
+    services = build_services(**overrides)
+    server = ThreadedServer(services.app).start()
+    try:
+        yield server, services
+    finally:
+        async def drain() -> None:
+            for service in (services.echo, services.close, services.wsoff):
+                await service.registry.close_all(flush_timeout_s=0.5)
+        try:
+            server.call(drain)
+        finally:
+            server.stop()
 
 
 class SwitchApp:
