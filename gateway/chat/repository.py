@@ -108,6 +108,10 @@ def make_engine(database_url: str, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEO
         if url.get_driver_name() != "asyncpg":
             raise ValueError(
                 f"PostgreSQL URLs must use the asyncpg driver (postgresql+asyncpg://), got {url.drivername}")
+        # Pre-ping costs one round trip per transaction (not per message: a group commit is one
+        # transaction) and replaces a pooled connection whose backend died (a PostgreSQL restart) at
+        # checkout; without it the first batch after a restart fails, and a batch of one message
+        # cannot be retried by the group commit.
         return create_async_engine(url, echo=echo, pool_pre_ping=True)
     raise ValueError(f"unsupported database URL backend {backend!r} (sqlite+aiosqlite or postgresql+asyncpg)")
 
@@ -231,14 +235,14 @@ async def _insert_postgres(conn: AsyncConnection, rows: Sequence[dict[str, Any]]
 
 
 @lru_cache(maxsize=64)
-def _sqlite_lookup(size: int) -> sa.TextClause:
+def _sqlite_lookup(size: int) -> sa.TextualSelect:
     wanted = ", ".join(f"(:r{i}, :c{i})" for i in range(size))
     # CROSS JOIN keeps the VALUES list as the outer loop: one index search per pair, no table scan
     # (a row-value IN over VALUES scans the whole index on SQLite 3.40).
     return sa.text(
         f"SELECT {_COLUMNS} FROM (VALUES {wanted}) AS wanted "
         "CROSS JOIN messages AS m ON m.room_id = wanted.column1 AND m.client_msg_id = wanted.column2 "
-        "WHERE m.client_msg_id IS NOT NULL")
+        "WHERE m.client_msg_id IS NOT NULL").columns(*messages.c)
 
 
 @lru_cache(maxsize=64)
@@ -256,7 +260,7 @@ async def _lookup_sqlite(conn: AsyncConnection, pairs: Sequence[tuple[str, str]]
     for chunk in _chunks(pairs, SQLITE_MAX_BINDS // 2):
         params = {f"{key}{i}": value for i, (room, cid) in enumerate(chunk)
                   for key, value in (("r", room), ("c", cid))}
-        found += (await conn.execute(_sqlite_lookup(len(chunk)).columns(*messages.c), params)).all()
+        found += (await conn.execute(_sqlite_lookup(len(chunk)), params)).all()
     return found
 
 
@@ -271,11 +275,15 @@ async def _advance_sqlite(conn: AsyncConnection, counts: Sequence[tuple[str, int
     return advanced
 
 
-async def _insert_sqlite(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> list[Any]:
-    inserted: list[Any] = []
-    for chunk in _chunks(rows, SQLITE_MAX_BINDS // len(messages.c)):
-        inserted += (await conn.execute(sa.insert(messages).values(list(chunk)).returning(*messages.c))).all()
-    return inserted
+# Executed with a list of rows, SQLAlchemy's "insertmanyvalues" sends this as multi-row INSERTs of up
+# to this many rows (and at most insertmanyvalues_max_parameters binds): one statement for any batch
+# the group commit makes. The compiled form is cached, unlike an ``insert().values([...])``.
+_SQLITE_INSERT = sa.insert(messages).returning(*messages.c).execution_options(
+    insertmanyvalues_page_size=SQLITE_MAX_BINDS // len(messages.c))
+
+
+async def _insert_sqlite(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> Sequence[Any]:
+    return (await conn.execute(_SQLITE_INSERT, list(rows))).all()
 
 
 def _client_id_pairs(batch: Iterable[NewMessage]) -> set[tuple[str, str]]:

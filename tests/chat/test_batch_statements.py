@@ -3,8 +3,9 @@
 ChatRepository.save_batch costs a fixed number of SQL statements however many rooms a batch touches
 (counted with a ``before_cursor_execute`` listener), keeps every room's seqs gap-free when three OS
 processes hammer the same rooms, leaves nothing behind when the database fails the INSERT after the
-counters were advanced, retries a batch that lost a client-id race to another node, and (PostgreSQL)
-locks the room rows in sorted order.
+counters were advanced, retries a batch that lost a client-id race to another node, (PostgreSQL)
+locks the room rows in sorted order, and stores the next batch after PostgreSQL killed the pooled
+connection (pool_pre_ping).
 """
 
 from __future__ import annotations
@@ -360,6 +361,36 @@ async def test_postgres_locks_the_rooms_of_a_batch_in_sorted_order() -> None:
                 await holder.rollback()
                 outcomes = await asyncio.wait_for(save, 120)
             assert all(isinstance(o, SaveResult) and o.message.seq == 1 for o in outcomes)
+        finally:
+            await engine.dispose()
+            await admin.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_batch_after_postgres_killed_the_pooled_connections_is_stored() -> None:
+    """pool_pre_ping (kept on purpose): a pooled connection whose backend is gone (a PostgreSQL restart,
+    an idle-session kill) is replaced at checkout, so the next batch, even a batch of one message,
+    which the group commit cannot retry alone, is stored instead of failing."""
+    async with migrated_postgres() as url:
+        engine, admin = make_engine(url), make_engine(url)
+        try:
+            repo = ChatRepository(engine)
+            room = await repo.create_room("r")
+            await repo.save_batch([talk(room.room_id, "before")])
+            async with engine.connect() as conn:  # the pooled connection the next batch would reuse
+                pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+            async with admin.connect() as conn:
+                assert (await conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")).scalar_one()
+
+            async def gone() -> bool:
+                async with admin.connect() as conn:
+                    return not (await conn.exec_driver_sql(
+                        f"SELECT count(*) FROM pg_stat_activity WHERE pid = {int(pid)}")).scalar_one()
+
+            await eventually(gone, "the backend is gone")
+            (outcome,) = await repo.save_batch([talk(room.room_id, "after", client_msg_id="a")])
+            assert isinstance(outcome, SaveResult) and outcome.message.seq == 2
+            assert [m.message for m in await repo.history(room.room_id)] == ["before", "after"]
         finally:
             await engine.dispose()
             await admin.dispose()
