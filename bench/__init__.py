@@ -8,8 +8,14 @@ Modules:
 - :mod:`bench.stats`     percentiles and medians;
 - :mod:`bench.procs`     gateway / redis / RabbitMQ processes and their CPU time;
 - :mod:`bench.scenarios` the load scenarios (fan-out, many publishers, connection rate, chat path);
-- :mod:`bench.run`       the command line: runs every scenario against both systems and writes JSON.
+- :mod:`bench.run`       the command line: runs every scenario against both systems and writes JSON;
+- :mod:`bench.chat_curve` (``--curve``) the chat path at stepped open-loop rates against RabbitMQ: knees,
+                          curves past the knee, rows check, storage ceiling, window-64 session, profile;
+- :mod:`bench.fastwire`  the cheap WebSocket STOMP client the curve uses (framing in ``data_received``);
+- :mod:`bench.storage_ceiling` ``ChatRepository.save_batch`` driven directly (a subprocess of the curve).
 
 The bench package may import the gateway's CLI only as a subprocess, and ``tests.support.redis_server``
-for a private redis-server; it never imports gateway internals into the load generator.
+for a private redis-server; it never imports gateway internals into the load generator. The one
+exception is :mod:`bench.storage_ceiling`, its own process, which calls the stable
+``ChatRepository.save_batch`` directly.
 """

@@ -106,9 +106,10 @@ class GatewayNode:
         return self.process
 
     @staticmethod
-    def migrate(database_url: str) -> None:
+    def migrate(database_url: str, tree: Path = REPO) -> None:
+        """``chat-gateway migrate`` with the migrations of ``tree``'s gateway package."""
         subprocess.run([sys.executable, "-m", "gateway.cli", "migrate", "--database-url", database_url],
-                       check=True, cwd=REPO, stdout=subprocess.DEVNULL, timeout=120)
+                       check=True, cwd=tree, stdout=subprocess.DEVNULL, timeout=120)
 
     def start(self, log_dir: Path) -> GatewayNode:
         settings: dict[str, object] = {
@@ -168,17 +169,28 @@ class RabbitPeer:
     def ws_url(self) -> str:
         return f"ws://{HOST}:{self.port}/ws"
 
-    def ensure(self) -> RabbitPeer:
-        """Start RabbitMQ if needed, enable Web-STOMP, wait for its port; raise PeerUnavailable."""
+    def ensure(self, min_open_files: int = 0) -> RabbitPeer:
+        """Start RabbitMQ if needed, enable Web-STOMP, wait for its port; raise PeerUnavailable.
+
+        With ``min_open_files``, a running broker whose open-files limit (soft) is lower is restarted
+        with a raised limit (root needed): Debian's wrapper starts it through ``su``, which resets the
+        limit to 1024, so the restart drops privileges with ``setpriv`` instead (no PAM session).
+        """
         if shutil.which("rabbitmq-server") is None or shutil.which("rabbitmqctl") is None:
             raise PeerUnavailable("RabbitMQ is not installed (no rabbitmq-server/rabbitmqctl on PATH)")
-        if _run(["rabbitmqctl", "status"], 60).returncode != 0:
+        running = _run(["rabbitmqctl", "status"], 60).returncode == 0
+        if running and min_open_files and (self._open_files_limit() or 0) < min_open_files:
+            if os.geteuid() != 0:
+                raise PeerUnavailable(f"RabbitMQ's open-files limit is below {min_open_files} and "
+                                      "restarting it with a higher one needs root")
+            self.notes.append(f"RabbitMQ was running with an open-files limit below {min_open_files}; "
+                              "restarted with a raised limit")
+            _run(["rabbitmqctl", "stop"], 120)
+            running = False
+        if not running:
             if os.geteuid() != 0:
                 raise PeerUnavailable("RabbitMQ is not running and starting it needs root")
-            self.notes.append("RabbitMQ was not running; started with `rabbitmq-server -detached` "
-                              "after `ulimit -n 65536`")
-            subprocess.run(["bash", "-c", "ulimit -n 65536 && rabbitmq-server -detached"], check=False,
-                           timeout=60, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self._start_detached(max(min_open_files, 20000))
             waited = _run(["rabbitmqctl", "await_startup", "--timeout", "90"], 120)
             if waited.returncode != 0:
                 raise PeerUnavailable(f"RabbitMQ did not start: {waited.stderr.strip()[-500:]}")
@@ -199,6 +211,36 @@ class RabbitPeer:
                     self.notes.append(f"RabbitMQ process limit: {' '.join(line.split()[3:5])} open files "
                                       "(soft, hard); the benchmarks keep well under it")
         return self
+
+    def _open_files_limit(self) -> int | None:
+        pid = _run(["rabbitmqctl", "eval", "os:getpid()."], 60)
+        match = re.search(r"\d+", pid.stdout)
+        if not match:
+            return None
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path(f"/proc/{match.group()}/limits").read_text().splitlines():
+                if line.startswith("Max open files"):
+                    return int(line.split()[3])
+        return None
+
+    def _start_detached(self, open_files: int) -> None:
+        hard = open_files
+        with contextlib.suppress(ValueError, OSError):
+            import resource
+            hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            if hard_limit != resource.RLIM_INFINITY:
+                hard = min(open_files, hard_limit)
+        inner = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+        if shutil.which("setpriv") and Path(inner).exists() and _run(["id", "rabbitmq"], 10).returncode == 0:
+            command = (f"ulimit -n {hard} && cd /var/lib/rabbitmq && exec setpriv --reuid=rabbitmq "
+                       f"--regid=rabbitmq --init-groups env HOME=/var/lib/rabbitmq {inner} -detached")
+            how = f"`setpriv` as user rabbitmq after `ulimit -n {hard}`"
+        else:
+            command = f"ulimit -n {hard} && rabbitmq-server -detached"
+            how = f"`rabbitmq-server -detached` after `ulimit -n {hard}`"
+        self.notes.append(f"RabbitMQ started with {how}")
+        subprocess.run(["bash", "-c", command], check=False, timeout=60, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
 
 
 def machine_info() -> dict[str, object]:
@@ -251,8 +293,8 @@ class SqliteDatabase:
     def url(self) -> str:
         return f"sqlite+aiosqlite:///{self.path}"
 
-    async def setup(self) -> SqliteDatabase:
-        GatewayNode.migrate(self.url)
+    async def setup(self, tree: Path = REPO) -> SqliteDatabase:
+        GatewayNode.migrate(self.url, tree)
         return self
 
     async def talk_rows(self, room_id: str) -> int:
@@ -277,13 +319,13 @@ class PostgresDatabase:
     def url(self) -> str:
         return postgres.async_url(self.name)
 
-    async def setup(self) -> PostgresDatabase:
+    async def setup(self, tree: Path = REPO) -> PostgresDatabase:
         """CREATE DATABASE and migrate; raises RuntimeError if the server is not on loopback."""
         host = postgres.ADMIN_URL.split("@")[-1].split("/")[0].rsplit(":", 1)[0]
         if host not in ("127.0.0.1", "localhost", "[::1]"):
             raise RuntimeError(f"PostgreSQL at {host} is not on the loopback interface")
         self.name = await postgres.create_database()
-        GatewayNode.migrate(self.url)
+        GatewayNode.migrate(self.url, tree)
         return self
 
     async def talk_rows(self, room_id: str) -> int:

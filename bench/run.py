@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -409,9 +410,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-tree", default="",
                         help="run the gateway package of another checkout (A/B comparison of a change)")
     parser.add_argument("--out", default="", help="JSON file to write (default bench/results/<mode>-<time>.json)")
+    curve = parser.add_argument_group("chat path at stepped offered rates (bench.chat_curve)")
+    curve.add_argument("--curve", action="store_true",
+                       help="run the stepped open-loop chat curve against RabbitMQ instead of the scenarios "
+                            "above (full ~20 min; with --quick ~5 min); full mode rewrites the generated "
+                            "block of docs/benchmarks.md and docs/bench-chat-curve.png")
+    curve.add_argument("--curve-rates", default="",
+                       help="offered msg/s ladder for 500x2 (comma list; 10x100 uses a tenth of each)")
+    curve.add_argument("--curve-step-s", type=float, default=0.0, help="seconds of paced sends per step")
+    curve.add_argument("--curve-systems", default="",
+                       help="comma list of rabbitmq,gateway-sqlite,gateway-2nodes-pg (default all)")
+    curve.add_argument("--curve-shapes", default="", help="comma list of 500x2,10x100 (default both)")
+    curve.add_argument("--profile-rate", type=float, default=0.0,
+                       help="offered msg/s of the profiled 500x2 SQLite step (default 800)")
+    curve.add_argument("--no-profile", action="store_true", help="skip the py-spy profile step")
+    curve.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
+    curve.add_argument("--plot", default="", help="PNG to write (default docs/bench-chat-curve.png; "
+                       "quick: next to the JSON)")
     args = parser.parse_args(argv)
     if args.gateway_tree:
         _tree.append(Path(args.gateway_tree).resolve())
+    if args.curve:
+        from bench import chat_curve
+        from bench.procs import REPO
+        tree = _tree[0] if _tree else REPO
+        loop_factory = None
+        with contextlib.suppress(ImportError):
+            import uvloop
+            loop_factory = uvloop.new_event_loop
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(chat_curve.main_async(args, tree))
     return asyncio.run(main_async(args))
 
 
