@@ -141,6 +141,10 @@ class Hub:
         self.interceptors: list[Interceptor] = []
         self.on_connect: list[SessionHook] = []
         self.authorize_subscribe: list[SubscriptionHook] = []
+        # Awaited for every subscription once the node's broker subscription is confirmed and before
+        # the client's RECEIPT (the chat sequencer reads its baseline here): what is committed after
+        # the RECEIPT reaches the subscriber.
+        self.on_broker_subscribed: list[SubscriptionHook] = []
         self.on_subscribe: list[SubscriptionHook] = []
         self.on_unsubscribe: list[SubscriptionHook] = []
         self.on_disconnect: list[SessionHook] = []
@@ -220,6 +224,8 @@ class Hub:
                     self.registry.remove(destination, subscriber, subscription_id)
                     raise
         self._subscriptions.setdefault(subscriber.info.session_id, {})[subscription_id] = destination
+        for hook in self.on_broker_subscribed:
+            await hook(subscriber.info, subscription_id, destination)
 
     async def subscribed(self, subscriber: Subscriber, subscription_id: str, destination: str) -> None:
         """Run the ``on_subscribe`` hooks (presence ENTER, ...) once the subscription is in place."""

@@ -70,7 +70,7 @@ def chat_component(gateway: Gateway) -> Sequence[BaseRoute]:
 
     hub.interceptors.append(sequencer.intercept)
     hub.gap_listeners.append(sequencer.on_gap)
-    hub.on_subscribe.append(track_room)
+    hub.on_broker_subscribed.append(track_room)
     hub.on_subscribe.append(service.on_subscribe)
     hub.on_unsubscribe.append(service.on_unsubscribe)
     hub.on_destination_idle.append(untrack_room)

@@ -14,7 +14,8 @@ makes no Redis call per message.
   and counts can never go negative (Spring's counter could). Counts read for messages are cached per
   room on the node: a join or leave on this node updates the room's entry at once (with the
   cluster-wide count Redis returns), and a timer re-reads, every ``refresh_s``, the rooms this node
-  served messages for lately (one Lua call for all of them), so other nodes' joins show within it.
+  has sessions in or served messages for lately (one Lua call for all of them), so other nodes'
+  joins, leaves and deaths show in messages within that bound.
 
 Must not import Starlette or the transport layer.
 """
@@ -169,8 +170,9 @@ class RedisPresence:
             hot, self._hot = self._hot, set()
             for room_id in [room for room in self._cache if room not in hot and room not in self._local]:
                 del self._cache[room_id]
-            if hot:
-                await self.counts(hot)   # updates the cache; failures are logged there
+            rooms = hot | (self._cache.keys() & self._local.keys())
+            if rooms:
+                await self.counts(rooms)   # updates the cache; failures are logged there
 
     async def _change(self, room_id: str, delta: int) -> int:
         if delta < 0 and self._local[room_id] <= 0:

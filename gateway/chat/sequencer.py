@@ -52,6 +52,7 @@ MAX_HELD = 10000
 class _Room:
     last: int | None = None
     ready: bool = False
+    baseline: asyncio.Event = field(default_factory=asyncio.Event)
     held: dict[int, Publication] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     repair_requested: bool = False
@@ -75,8 +76,12 @@ class RoomSequencer:
     # --- tracking ------------------------------------------------------------------------------
 
     async def track(self, room_id: str) -> None:
-        """Called after the node's broker subscription to the room is confirmed."""
-        if room_id in self._rooms:
+        """Called for each subscription to the room once the node's broker subscription is confirmed,
+        before the subscriber's RECEIPT; returns once the room's baseline is known, so everything
+        committed after the RECEIPT reaches the subscriber."""
+        state = self._rooms.get(room_id)
+        if state is not None:
+            await state.baseline.wait()
             return
         state = _Room()
         self._rooms[room_id] = state
@@ -85,7 +90,9 @@ class RoomSequencer:
         except Exception:
             log.exception("room %s: cannot read last seq; delivering without ordering until repaired", room_id)
             state.last = None
-        state.ready = True
+        finally:
+            state.ready = True
+            state.baseline.set()
         self._process(room_id, state)
 
     def forget(self, room_id: str) -> None:

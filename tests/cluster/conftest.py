@@ -90,7 +90,8 @@ async def cluster_factory(tmp_path: Path) -> AsyncIterator[Any]:
     made: list[Cluster] = []
 
     async def make(count: int, *, database: str = "sqlite", redis: RedisServer | None = None,
-                   settings: dict[str, Any] | None = None) -> Cluster:
+                   settings: dict[str, Any] | None = None,
+                   per_node: list[dict[str, Any]] | None = None) -> Cluster:
         if database == "sqlite":
             url = f"sqlite+aiosqlite:///{tmp_path / 'cluster.db'}"
         else:
@@ -106,6 +107,8 @@ async def cluster_factory(tmp_path: Path) -> AsyncIterator[Any]:
             if redis is not None:
                 node_settings["redis_url"] = redis.url
             node_settings.update(settings or {})
+            if per_node is not None:
+                node_settings.update(per_node[index])
             nodes.append(GatewayProcess(node_settings, workdir=tmp_path / f"node{index}"))
         for node in nodes:
             node.workdir.mkdir(exist_ok=True)
