@@ -13,6 +13,13 @@ Owns these routes (mounted by :func:`pages_component`):
 | GET  | ``/static/vendor/{file}`` | the browser libraries, straight from npm's ``node_modules`` |
 | GET  | ``/static/...`` | the files of ``static/`` (JS, CSS) |
 
+Where the files come from: the pages and ``/static/...`` from the ``static_dir`` setting, by default
+the ``static/`` shipped with the gateway (package data of an installed wheel, the repository's
+``static/`` in a checkout; see :func:`gateway.resource_dir`). The browser libraries from the
+``node_modules_dir`` setting, by default the checkout's ``node_modules`` (``make node-deps``); an
+installed wheel has no default: point ``node_modules_dir`` at the directory where ``npm ci`` installed
+the repository's package.json / package-lock.json.
+
 Login rules per ``auth`` setting (tokens are never minted for someone who did not log in):
 
 - ``anonymous``: ``/chat/user`` names a guest (``guest-xxxxxxxx``), kept stable per browser by the
@@ -46,6 +53,7 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from gateway import resource_dir, source_root
 from gateway.auth import users_authenticator
 from gateway.settings import Settings
 from gateway.stomp.frames import Frame
@@ -56,8 +64,6 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 log = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 GUEST_COOKIE = "chat_guest"
 SESSION_COOKIE = "chat_session"
@@ -93,11 +99,21 @@ VENDOR_FILES: dict[str, VendorFile] = {
 
 
 def static_dir(settings: Settings) -> Path:
-    return Path(settings.static_dir) if settings.static_dir else REPO_ROOT / "static"
+    """The chat pages: the ``static_dir`` setting, else the ``static/`` shipped with the gateway."""
+    return Path(settings.static_dir) if settings.static_dir else resource_dir("static")
 
 
-def node_modules_dir(settings: Settings) -> Path:
-    return Path(settings.node_modules_dir) if settings.node_modules_dir else REPO_ROOT / "node_modules"
+def node_modules_dir(settings: Settings) -> Path | None:
+    """npm's node_modules: the setting, else the checkout's; None for an installed wheel without the setting."""
+    if settings.node_modules_dir:
+        return Path(settings.node_modules_dir)
+    root = source_root()
+    return root / "node_modules" if root is not None else None
+
+
+#: Where the browser libraries come from when node_modules_dir is unset and there is no checkout.
+NODE_MODULES_UNSET = ("the node_modules_dir setting (GATEWAY_NODE_MODULES_DIR) is not set; point it at the "
+                      "node_modules of `npm ci` run with the repository's package.json and package-lock.json")
 
 
 def installed_version(modules: Path, package: str) -> str | None:
@@ -110,8 +126,14 @@ def installed_version(modules: Path, package: str) -> str | None:
     return version if isinstance(version, str) else None
 
 
-def pinned_versions(package_json: Path = REPO_ROOT / "package.json") -> dict[str, str]:
-    """The repository's pinned npm dependencies (``package.json``), or {} when it is unreadable."""
+def pinned_versions(package_json: Path | None = None) -> dict[str, str]:
+    """The repository's pinned npm dependencies (``package.json``), or {} when it is unreadable (or
+    there is no checkout: an installed wheel does not carry package.json)."""
+    if package_json is None:
+        root = source_root()
+        if root is None:
+            return {}
+        package_json = root / "package.json"
     try:
         data = json.loads(package_json.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -123,6 +145,8 @@ def pinned_versions(package_json: Path = REPO_ROOT / "package.json") -> dict[str
 def check_vendor(settings: Settings) -> list[str]:
     """Problems with the browser libraries (missing, or not the pinned version); logged at start."""
     modules = node_modules_dir(settings)
+    if modules is None:
+        return [f"/static/vendor/*: {NODE_MODULES_UNSET}"]
     pins = pinned_versions()
     problems = []
     for key, vendor in VENDOR_FILES.items():
@@ -191,6 +215,9 @@ class Pages:
         vendor = VENDOR_FILES.get(request.path_params["file"])
         if vendor is None:
             return Response("not found\n", status_code=404, media_type="text/plain")
+        if self.modules is None:
+            return Response(f"{vendor.package} is not installed: {NODE_MODULES_UNSET}\n", status_code=404,
+                            media_type="text/plain")
         path = self.modules / vendor.package / vendor.path
         if not path.is_file():
             return Response(f"{vendor.package} is not installed (run `make node-deps`)\n", status_code=404,
