@@ -190,7 +190,8 @@ _PG_LOOKUP = sa.text(
 ).bindparams(sa.bindparam("room_ids", type_=_TEXTS), sa.bindparam("client_msg_ids", type_=_TEXTS)
              ).columns(*messages.c)
 
-# The CTE takes the row locks in room_id order (LockRows sits above the Sort), so two transactions
+# The CTE takes the row locks in room_id order (LockRows locks each row as it comes out of the Sort or
+# of the primary-key index scan, which walks an ``= ANY`` array in index order), so two transactions
 # with overlapping rooms queue up on their first common room instead of deadlocking; the UPDATE then
 # only touches rows the CTE locked and, under READ COMMITTED, adds to the newest committed last_seq.
 _PG_ADVANCE = sa.text(
