@@ -1,8 +1,8 @@
 """The raw WebSocket STOMP endpoint (``/ws-stomp/websocket``, what ``@stomp/stompjs`` brokerURL uses).
 
-Owns: the handshake (origin policy, choosing the *highest* STOMP subprotocol the client offers,
-accepting clients that offer none), reading text and binary messages into the connection, and the
-:class:`WebSocketSink` that sends frames as text (binary when a frame is not valid UTF-8).
+Owns: the handshake (origin policy: a refused origin is one INFO line and an HTTP 403; choosing the
+*highest* STOMP subprotocol the client offers, accepting clients that offer none), reading text and
+binary messages into the connection, and the :class:`WebSocketSink` that sends frames as text (binary when a frame is not valid UTF-8).
 
 Must not import the chat domain.
 """
@@ -14,7 +14,7 @@ import logging
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from gateway.transport.base import ConnectionFactory
+from gateway.transport.base import CLOSE_POLICY, ConnectionFactory
 from gateway.transport.origin import origin_allowed
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,13 @@ def _remote(websocket: WebSocket) -> str:
 async def serve_websocket(websocket: WebSocket, factory: ConnectionFactory, allowed_origins: tuple[str, ...],
                           transport: str = "websocket") -> None:
     """Run one raw WebSocket STOMP connection to completion."""
-    if not origin_allowed(websocket.headers.get("origin"), websocket.headers.get("host"), allowed_origins):
-        log.info("rejected WebSocket from origin %r", websocket.headers.get("origin"))
-        await websocket.close(code=1008)
+    origin = websocket.headers.get("origin")
+    if not origin_allowed(origin, websocket.headers.get("host"), allowed_origins):
+        # One INFO line, then websocket.close before accept: the ASGI server answers HTTP 403 and
+        # counts the handshake as completed (no "returned without completing handshake" ERROR).
+        log.info("refused WebSocket handshake %r from %s: origin %r not allowed", websocket.url.path[:200],
+                 _remote(websocket), (origin or "")[:200])
+        await websocket.close(code=CLOSE_POLICY)
         return
     subprotocol = choose_subprotocol(list(websocket.scope.get("subprotocols") or []))
     await websocket.accept(subprotocol=subprotocol)

@@ -8,12 +8,14 @@ errors and closes, the CONNECT deadline, heart-beats both ways and the origin po
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from websockets.exceptions import InvalidStatus
 
 from tests.support.live_server import ServerFactory
 from tests.support.stomp_wire import WsStompClient, frame
+from tests.transport.conftest import ServerLog
 
 # -- subprotocols ----------------------------------------------------------------------------
 
@@ -309,6 +311,36 @@ async def test_any_origin_with_star(gateway_server: ServerFactory) -> None:
     server = gateway_server(allowed_origins=("*",))
     assert not await _rejected(server.ws_url, "http://evil.example")
     assert not await _rejected(server.ws_url, "null")
+
+
+# -- refused handshakes: one INFO/DEBUG line, never an ERROR ---------------------------------------
+
+
+@pytest.mark.parametrize(("path", "origin", "level", "reason"), [
+    ("/ws-stomp/websocket", "http://evil.example", logging.INFO, "origin 'http://evil.example' not allowed"),
+    ("/ws-stomp/000/abc/websocket", "http://evil.example", logging.INFO, "origin 'http://evil.example' not allowed"),
+    ("/ws-stomp/foo", None, logging.DEBUG, "no SockJS websocket at this URL"),
+    ("/ws-stomp/000/a.b/websocket", None, logging.DEBUG, "no SockJS websocket at this URL"),   # bad session id
+    ("/ws-stomp/000/abc/xhr_streaming", None, logging.DEBUG, "no SockJS websocket at this URL"),
+    ("/ws-stomp/websocket/x", None, logging.DEBUG, "no SockJS websocket at this URL"),
+])
+async def test_refused_handshake_logs_one_line_with_reason_and_address_and_no_error(
+        gateway_server: ServerFactory, server_log: ServerLog, path: str, origin: str | None, level: int,
+        reason: str) -> None:
+    server = gateway_server()
+    server_log.attach()  # after uvicorn's logging setup
+    with pytest.raises(InvalidStatus) as info:
+        await WsStompClient.open(f"ws://127.0.0.1:{server.port}{path}", origin=origin)
+    # A handshake the server completes normally afterwards: whatever the refused one logged is in by now.
+    client = await WsStompClient.open(server.ws_url)
+    await client.connect()
+    await client.close()
+    assert server_log.errors() == []
+    (line,) = server_log.refusals()
+    message = line.getMessage()
+    assert line.levelno == level, message
+    assert repr(path) in message and reason in message and "from 127.0.0.1:" in message, message
+    assert info.value.response.status_code == 403
 
 
 # -- receipts and broker sends on the wire -------------------------------------------------

@@ -3,7 +3,9 @@
 Owns: URL dispatch under the mount (``/``, ``/info``, ``/iframe*.html``, the sockjs-client script,
 ``/{server}/{session}/{transport}``), which methods each URL takes (405 with ``Allow``), 404 for
 anything else (including JSONP, removed in Spring 5.1, and ids that are empty or hold a ``.``),
-the origin policy (403), CORS preflights, and the public entry point :func:`create_sockjs_routes`.
+the origin policy (403), CORS preflights, refused WebSocket handshakes (HTTP 403 and one log line,
+see :func:`~gateway.transport.sockjs.websocket.deny`), and the public entry point
+:func:`create_sockjs_routes`.
 
 Must not import the STOMP layer or the chat domain: connections come from the ConnectionFactory.
 """
@@ -11,6 +13,7 @@ Must not import the STOMP layer or the chat domain: connections come from the Co
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 from typing import Any
@@ -219,11 +222,15 @@ class SockJSService:
             return
         parts = path.split("/")
         if not (len(parts) == 4 and parts[0] == "" and _valid_id(parts[1]) and _valid_id(parts[2])
-                and parts[3] == "websocket" and self.settings.sockjs_websocket_enabled):
-            await deny(scope, send, 404)
+                and parts[3] == "websocket"):
+            # URL probing is noise: DEBUG (uvicorn logs the 403 itself at INFO).
+            await deny(scope, send, "no SockJS websocket at this URL", level=logging.DEBUG)
+            return
+        if not self.settings.sockjs_websocket_enabled:
+            await deny(scope, send, "the SockJS websocket transport is disabled", level=logging.DEBUG)
             return
         if not self._origin_ok(scope):
-            await deny(scope, send, 403)
+            await deny(scope, send, f"origin {(header(scope, b'origin') or '')[:200]!r} not allowed")
             return
         await serve_websocket(self.registry, parts[2], scope, receive, send)
 

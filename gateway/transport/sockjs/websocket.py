@@ -1,7 +1,7 @@
 """The SockJS ``websocket`` transport: one session per WebSocket, SockJS framing inside it.
 
-Owns: the WebSocket I/O of a SockJS session: refusing the handshake with an HTTP status (404 when
-disabled, 403 for a foreign origin, 503 while draining), ``o`` on accept, a reader feeding the
+Owns: the WebSocket I/O of a SockJS session: refusing a handshake (unknown URL, transport disabled,
+foreign origin, draining) with one log line and an HTTP 403, ``o`` on accept, a reader feeding the
 connection (JSON array of strings or a single string; empty messages ignored; broken JSON closes
 1007; a payload over ``sockjs_max_send_bytes`` closes 1009), a writer pulling frames (``h`` when
 idle), and ending the session (``connection_lost()`` once) when either side closes.
@@ -16,26 +16,27 @@ import contextlib
 import logging
 from typing import Any
 
-from gateway.transport.base import CLOSE_INVALID_DATA, CLOSE_NORMAL, CLOSE_TOO_BIG
+from gateway.transport.base import CLOSE_INVALID_DATA, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TOO_BIG
 from gateway.transport.sockjs import protocol
-from gateway.transport.sockjs.headers import TEXT_PLAIN, Scope, remote_of
+from gateway.transport.sockjs.headers import Scope, remote_of
 from gateway.transport.sockjs.registry import RegistryClosing, SessionRegistry
 from gateway.transport.sockjs.session import Receiver, SockJSSession
 
 logger = logging.getLogger(__name__)
 
-_DENIAL_TEXT = {403: b"Forbidden", 404: b"Not Found", 503: b"Server is shutting down."}
 
+async def deny(scope: Scope, send: Any, reason: str, *, level: int = logging.INFO) -> None:
+    """Refuse a WebSocket handshake: one log line at ``level`` (URL, remote address, ``reason``), then
+    ``websocket.close`` before ``websocket.accept``, which an ASGI server must answer with HTTP 403.
 
-async def deny(scope: Scope, send: Any, status: int) -> None:
-    """Refuse a WebSocket handshake with an HTTP ``status`` (or a plain close without the extension)."""
-    if "websocket.http.response" in scope.get("extensions", {}):
-        body = _DENIAL_TEXT.get(status, b"")
-        await send({"type": "websocket.http.response.start", "status": status,
-                    "headers": [(b"content-type", TEXT_PLAIN), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "websocket.http.response.body", "body": body})
-    else:
-        await send({"type": "websocket.close", "code": 1008})
+    Not the ``websocket.http.response`` extension (which could send 404/503): uvicorn's default
+    websocket implementation never counts a response sent through it as a completed handshake and
+    logs ``ASGI callable returned without completing handshake.`` at ERROR for every refusal, so
+    anyone probing URLs could fill the error log.
+    """
+    logger.log(level, "refused WebSocket handshake %r from %s: %s", str(scope.get("path", ""))[:200],
+               remote_of(scope), reason)
+    await send({"type": "websocket.close", "code": CLOSE_POLICY, "reason": ""})
 
 
 class _Channel:
@@ -102,7 +103,7 @@ async def serve_websocket(registry: SessionRegistry, session_id: str, scope: Sco
                           send: Any) -> None:
     """Run one SockJS websocket session; the handshake's ``websocket.connect`` was already received."""
     if registry.closing:
-        await deny(scope, send, 503)
+        await deny(scope, send, "server is draining")
         return
     await send({"type": "websocket.accept"})
     channel = _Channel(send)

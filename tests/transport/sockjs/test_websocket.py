@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from tests.transport.conftest import ServerLog
 from tests.transport.sockjs.conftest import Live, eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -173,34 +175,64 @@ async def test_client_close_calls_connection_lost_once(live: Live) -> None:
     assert connection.lost_calls == 1
 
 
-async def test_disabled_websocket_is_refused_with_404(live: Live) -> None:
-    with pytest.raises(InvalidStatus) as info:
-        async with open_ws(ws_url(live, "/disabled_websocket_echo")):
+def refused_once(log: ServerLog, level: int, reason: str) -> str:
+    """The handshake was refused with exactly one log line at ``level`` naming ``reason`` and the
+    client's address, and nothing was logged at ERROR (uvicorn included)."""
+    assert log.errors() == []
+    (line,) = log.refusals()
+    message = line.getMessage()
+    assert line.levelno == level, message
+    assert reason in message and "from 127.0.0.1:" in message, message
+    return message
+
+
+async def refused_status(url: str, **kwargs: Any) -> int:
+    try:
+        async with open_ws(url, **kwargs):
             pass
-    assert info.value.response.status_code == 404
+    except InvalidStatus as exc:
+        return exc.response.status_code
+    raise AssertionError(f"the handshake to {url} was accepted")
+
+
+async def test_disabled_websocket_is_refused_with_403_and_one_debug_line(live: Live, server_log: ServerLog) -> None:
+    status = await refused_status(ws_url(live, "/disabled_websocket_echo"))
+    refused_once(server_log, logging.DEBUG, "websocket transport is disabled")
+    assert status == 403
     assert live.wsoff.factory.connections == []
 
 
 @pytest.mark.parametrize("path", ["/echo/000/a.b/websocket", "/echo/000//websocket", "/echo/websocket",
-                                  "/echo/000/abc/xhr", "/echo/info"])
-async def test_websocket_on_other_urls_is_refused_with_404(live: Live, path: str) -> None:
-    with pytest.raises(InvalidStatus) as info:
-        async with open_ws(live.ws_url + path):
-            pass
-    assert info.value.response.status_code == 404
+                                  "/echo/000/abc/xhr", "/echo/info", "/echo/a/b/c/websocket"])
+async def test_websocket_on_other_urls_is_refused_with_403_and_one_debug_line(live: Live, server_log: ServerLog,
+                                                                             path: str) -> None:
+    status = await refused_status(live.ws_url + path)
+    message = refused_once(server_log, logging.DEBUG, "no SockJS websocket at this URL")
+    assert repr(path) in message
+    assert status == 403
+    assert live.echo.factory.connections == []
 
 
-async def test_origin_policy(start_live: StartLive) -> None:
+async def test_origin_policy(start_live: StartLive, server_log: ServerLog) -> None:
     live = await start_live(allowed_origins=())
-    with pytest.raises(InvalidStatus) as info:
-        async with open_ws(ws_url(live), origin="http://evil.example"):  # type: ignore[arg-type]
-            pass
-    assert info.value.response.status_code == 403
+    status = await refused_status(ws_url(live), origin="http://evil.example")
+    refused_once(server_log, logging.INFO, "origin 'http://evil.example' not allowed")
+    assert status == 403
     assert live.echo.factory.connections == []
     async with open_ws(ws_url(live), origin=live.url) as same_origin:  # type: ignore[arg-type]
         assert await recv(same_origin) == "o"
     async with open_ws(ws_url(live)) as no_origin:
         assert await recv(no_origin) == "o"
+    assert len(server_log.refusals()) == 1 and server_log.errors() == []
+
+
+async def test_websocket_while_draining_is_refused_with_403_and_one_info_line(live: Live,
+                                                                              server_log: ServerLog) -> None:
+    await live.echo.registry.close_all()
+    status = await refused_status(ws_url(live))
+    refused_once(server_log, logging.INFO, "server is draining")
+    assert status == 403
+    assert live.echo.factory.connections == []
 
 
 async def test_heartbeat(start_live: StartLive) -> None:
