@@ -92,6 +92,7 @@ class WsStomp(asyncio.Protocol):
         self.path = "/" + path
         self.subprotocols = subprotocols
         self.on_message = on_message
+        self.name = ""
         self.on_receipt: Callable[[str], None] | None = None
         self.on_close: Callable[[WsStomp, str], None] | None = None
         self.transport: asyncio.Transport | None = None
