@@ -83,6 +83,10 @@ class Settings:
         "room", "'room': one Redis channel per room named by roomId (the seed's ChannelTopic); "
         "'single': every room on one channel (the reference master's 'chatroom').")
     redis_channel_prefix: str = _setting("", "Prefix put before every Redis channel name.")
+    redis_sharded_pubsub: bool = _setting(
+        False, "Room channels use sharded Pub/Sub (SSUBSCRIBE/SPUBLISH, Redis 7): on a Redis Cluster each "
+        "message crosses only its channel's shard. Spring servers use classic Pub/Sub: leave off in "
+        "mixed fleets.", parse=_parse_bool)
     redis_payload: str = _setting(
         "spring", "Room payloads on Redis: 'spring' = the bare ChatMessage JSON Spring servers read (mixed "
         "fleets); 'envelope' = a seq/room/origin header line before it (gateway-only fleets; Spring "
@@ -227,8 +231,8 @@ class Settings:
                         f"app_prefixes entry {app_prefix!r} overlaps broker_prefixes entry {broker_prefix!r}")
         if not (self.database_url.startswith("sqlite") or self.database_url.startswith("postgresql")):
             raise SettingsError(f"database_url must be a sqlite or postgresql URL (got {self.database_url!r})")
-        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise SettingsError(f"redis_url must start with redis://, rediss:// or unix:// (got {self.redis_url!r})")
+        if self.redis_url is not None:
+            _check_redis_url(self.redis_url)
         if self.workers > 1 and self.redis_url is None:
             raise SettingsError(
                 "workers > 1 needs redis_url: nodes share messages and presence only through Redis")
@@ -239,6 +243,22 @@ class Settings:
         if any(ch in self.node_id for ch in " /:\n"):
             raise SettingsError(f"node_id must not contain spaces, '/', ':' or newlines (got {self.node_id!r})")
         return self
+
+
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://",
+                     "redis+cluster://", "rediss+cluster://")
+
+
+def _check_redis_url(url: str) -> None:
+    """Raise SettingsError unless ``url`` has the form of a single-server, Sentinel or Cluster Redis URL
+    (gateway.broker.redis_urls parses it fully when the broker is built)."""
+    if not url.lower().startswith(REDIS_URL_SCHEMES):
+        raise SettingsError(f"redis_url must start with {', '.join(REDIS_URL_SCHEMES)} (got {url!r})")
+    if "+sentinel://" in url.lower():
+        path = url.split("://", 1)[1].split("?", 1)[0].partition("/")[2]
+        if not path.strip("/"):
+            raise SettingsError("redis_url: a Sentinel URL names the primary's service, "
+                                "e.g. redis+sentinel://host:26379,host:26380/mymaster")
 
 
 def _field_parser(f: Any) -> Callable[[str], Any]:
