@@ -85,4 +85,7 @@ class Broker(Protocol):
 
     @property
     def healthy(self) -> bool:
-        """False while the broker is known to be disconnected."""
+        """False while the broker is known to be disconnected (its listener is not subscribed)."""
+
+    async def ping(self) -> bool:
+        """Whether the bus answers a round trip now (for readiness; never raises)."""

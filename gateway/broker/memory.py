@@ -42,6 +42,9 @@ class MemoryBroker:
         if counter[destination] <= 0:
             del counter[destination]
 
+    async def ping(self) -> bool:
+        return self._handler is not None
+
     async def publish_many(self, publications: Sequence[Publication]) -> None:
         for publication in publications:
             await self.publish(publication)

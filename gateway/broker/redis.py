@@ -245,6 +245,17 @@ class RedisBroker:
             raise BrokerUnavailable(f"publishing to Redis at {self._where()} failed: "
                                     f"{type(exc).__name__}: {exc}") from exc
 
+    async def ping(self) -> bool:
+        """One PING on the publishing pool, within ``timeout_s``."""
+        client = self._client
+        if client is None:
+            return False
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return bool(await client.ping())
+        except (RedisError, OSError, TimeoutError):
+            return False
+
     # --- introspection ---------------------------------------------------------------------------
 
     def destinations(self) -> frozenset[str]:
