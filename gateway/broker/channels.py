@@ -24,6 +24,10 @@ Naming (``P`` = ``redis_channel_prefix``, rooms are destinations ``<chat_room_pr
   destination's) travels on the gateway-only channel ``P gateway:dest:<destination>`` as a JSON
   envelope ``{"v":1,"destination","content_type","headers","body" | "body_base64","origin"}``.
 
+Sharded Pub/Sub (``redis_sharded_pubsub``, off by default): room channels (the names above, unchanged)
+are then SSUBSCRIBEd and SPUBLISHed; gateway-only envelope channels and every pattern stay classic
+Pub/Sub (Redis has no sharded pattern subscription). :attr:`RedisSubscription.sharded` says which.
+
 Room ids are non-empty, contain no ``/`` and no Ant wildcard (``*``, ``?``, ``{``) and do not
 start with the reserved ``gateway:``; other destinations under the room prefix are not rooms.
 
@@ -66,6 +70,8 @@ class RedisSubscription:
 
     is_pattern: bool
     name: str
+    sharded: bool = False
+    """A sharded channel (SSUBSCRIBE/SPUBLISH, Redis 7): a room channel when ``redis_sharded_pubsub`` is on."""
 
 
 class ChannelMapper(Protocol):
@@ -83,6 +89,9 @@ class ChannelMapper(Protocol):
 
     def decode(self, channel: str, payload: bytes) -> Publication | None:
         """The publication a message on ``channel`` carries, or None if it is not one of ours."""
+
+    def is_sharded(self, channel: str) -> bool:
+        """Whether ``channel`` (as returned by :meth:`encode`) is SPUBLISHed rather than PUBLISHed."""
 
 
 def glob_escape(text: str) -> str:
@@ -163,7 +172,7 @@ class SpringChannelMapper:
 
     def __init__(self, *, mode: str = "room", prefix: str = "", room_prefix: str = "/sub/chat/room/",
                  single_channel: str = "chatroom", node_id: str = "", payload: str = "spring",
-                 room_reader: RoomPayloadReader | None = None) -> None:
+                 room_reader: RoomPayloadReader | None = None, sharded: bool = False) -> None:
         if mode not in {"room", "single"}:
             raise ValueError(f"channel mode must be 'room' or 'single', not {mode!r}")
         if payload not in PAYLOAD_FORMS:
@@ -179,13 +188,15 @@ class SpringChannelMapper:
         self.node_id = node_id
         self.payload = payload
         self.room_reader = room_reader
+        self.sharded = sharded
         self._generic_prefix = prefix + GENERIC_CHANNEL_MARKER
 
     @classmethod
     def from_settings(cls, settings: Settings, room_reader: RoomPayloadReader | None = None) -> SpringChannelMapper:
         return cls(mode=settings.redis_channel_mode, prefix=settings.redis_channel_prefix,
                    room_prefix=settings.chat_room_prefix, single_channel=settings.redis_single_channel,
-                   node_id=settings.node_id, payload=settings.redis_payload, room_reader=room_reader)
+                   node_id=settings.node_id, payload=settings.redis_payload, room_reader=room_reader,
+                   sharded=settings.redis_sharded_pubsub)
 
     # --- naming ----------------------------------------------------------------------------------
 
@@ -215,7 +226,7 @@ class SpringChannelMapper:
             subs = {RedisSubscription(False, self.generic_channel(destination))}
             room_id = self.room_id(destination)
             if room_id is not None:
-                subs.add(RedisSubscription(False, self.room_channel(room_id)))
+                subs.add(RedisSubscription(False, self.room_channel(room_id), self.sharded))
             return frozenset(subs)
         head = _literal_head(destination)
         subs = {RedisSubscription(True, glob_escape(self._generic_prefix + head) + "*")}
@@ -235,8 +246,11 @@ class SpringChannelMapper:
         else:
             return None
         if self.mode == "single":
-            return RedisSubscription(False, self.prefix + self.single_channel)
+            return RedisSubscription(False, self.prefix + self.single_channel, self.sharded)
         return RedisSubscription(True, glob_escape(self.prefix + partial_id) + "*")
+
+    def is_sharded(self, channel: str) -> bool:
+        return self.sharded and not channel.startswith(self._generic_prefix)
 
     def encode(self, publication: Publication) -> tuple[str, bytes]:
         room_id = self.room_id(publication.destination)

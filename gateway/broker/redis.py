@@ -1,38 +1,53 @@
-"""The Redis broker: nodes of one cluster share publications through Redis Pub/Sub.
+"""The Redis broker: nodes share publications through Redis Pub/Sub (one server, Sentinel or Cluster).
 
 Owns: the node's Redis connections and their supervision. Publishing goes through a small blocking
-pool of ordinary connections (PUBLISH, bounded by ``timeout_s``, failures raise
-:class:`BrokerUnavailable`). Receiving goes through ONE pub/sub connection per node, the *listener
-container*, which this module drives itself instead of redis-py's ``PubSub`` helper (whose
-auto-reconnect has lost subscriptions, redis-py #2089 and #2417):
+pool of ordinary connections (PUBLISH, or SPUBLISH for sharded channels; bounded by ``timeout_s``,
+failures raise :class:`BrokerUnavailable`); on a Redis Cluster through redis-py's ``RedisCluster``
+(slot map, node discovery, MOVED handling), under Sentinel to the primary Sentinel names (asked again
+after a failure). Receiving goes through the *listener container*, which this module drives itself
+instead of redis-py's ``PubSub``/``ClusterPubSub`` helpers (whose auto-reconnect has lost
+subscriptions, redis-py #2089 and #2417, and which report neither a reconnect nor a moved slot, so a
+gap would go unnoticed):
 
-- a supervisor task connects, (re)subscribes every wanted channel and pattern, and on any failure
+- subscriptions are placed on *shards*, one pub/sub connection (a *link*) each: the ``main`` link
+  carries classic channels and patterns (the only link on a single server or under Sentinel; on a
+  cluster it connects to any node, since classic Pub/Sub is broadcast cluster-wide); with sharded
+  Pub/Sub on a cluster, every primary that owns the slot of a room channel this node needs gets a link
+  of its own that SSUBSCRIBEs those channels, one command per slot;
+- per link, a supervisor task connects, (re)subscribes everything placed on it, and on any failure
   disconnects and retries with exponential back-off (``reconnect_min_s`` doubling up to
   ``reconnect_max_s``, reset after a successful connection);
-- a reader task parses every reply in order and calls ``on_publication`` synchronously; it never
-  awaits anything but the socket, so a slow WebSocket can never make Redis drop this node as a slow
-  subscriber;
-- a control loop applies subscribe/unsubscribe requests and PINGs the connection after
+- per link, a reader task parses every reply in order and calls ``on_publication`` synchronously; it
+  never awaits anything but the socket, so a slow WebSocket can never make Redis drop this node as a
+  slow subscriber;
+- per link, a control loop applies subscribe/unsubscribe requests and PINGs the connection after
   ``health_check_s`` of silence; no reply within ``timeout_s`` means the connection is dead (a hung
   Redis or a silently dropped TCP connection);
-- after every reconnect, once the re-subscription is confirmed, ``on_gap`` gets every subscribed
-  destination: Pub/Sub is at-most-once and anything published meanwhile is gone.
+- on a cluster, a router task re-reads the slot map (redis-py's ``NodesManager``) whenever a link
+  saw a sign of change — a lost connection, a ``MOVED``/``ASK`` reply to SSUBSCRIBE, or a
+  ``sunsubscribe`` Redis pushes by itself when a slot leaves the node (resharding, failover) — and
+  moves each sharded subscription to the primary that owns its slot now;
+- a subscription that may have missed publications (its link dropped, it moved to another primary,
+  or ``subscribe()`` returned before Redis confirmed it) is a *gap*: once Redis confirms it again,
+  ``on_gap`` gets the destinations it serves. Pub/Sub is at-most-once and anything published
+  meanwhile is gone; the chat layer repairs from the database.
 
 Delivery: every node, the publisher included, receives each publication exactly once through Redis
 (a chat node also delivers its own room messages locally at once; its sequencer drops the copy that
-comes back by ``seq``). Publishing pipelines a batch of PUBLISH commands in one round trip. When several Redis subscriptions of
-this node match one message (a room channel and a pattern), Redis sends one copy per subscription;
-only the copy of one canonical subscription is used, decided from the subscription state confirmed
-in-band, so the result is exact. Decoded publications are delivered only if the node is subscribed
-to their destination (exactly or by Ant pattern).
+comes back by ``seq``). Publishing pipelines a batch of commands in one round trip (on a cluster, one
+per primary). When several Redis subscriptions of this node match one message (a room channel and a
+pattern), Redis sends one copy per subscription; only the copy of one canonical subscription is used,
+decided from the subscription state confirmed in-band, so the result is exact. Decoded publications
+are delivered only if the node is subscribed to their destination (exactly or by Ant pattern).
 
-Channel naming lives in :mod:`gateway.broker.channels`. Must not import Starlette, the transport
-layer or the chat domain.
+Channel naming lives in :mod:`gateway.broker.channels`, URL forms in
+:mod:`gateway.broker.redis_urls`. Must not import Starlette, the transport layer or the chat domain.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections import Counter
@@ -40,11 +55,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection, Connection, parse_url
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.connection import AbstractConnection, Connection
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.crc import key_slot
+from redis.exceptions import AskError, RedisError
 
 from gateway.broker.base import (
     BrokerUnavailable,
@@ -55,6 +72,7 @@ from gateway.broker.base import (
 )
 from gateway.broker.channels import ChannelMapper, RedisSubscription, SpringChannelMapper, glob_matches
 from gateway.broker.patterns import is_pattern, matches
+from gateway.broker.redis_urls import RedisTarget, cluster_client, parse_redis_url, sentinel_manager
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -66,6 +84,11 @@ SUBSCRIBE_CHUNK = 1000
 """Most channels named in one SUBSCRIBE/UNSUBSCRIBE command."""
 YIELD_EVERY = 64
 """The reader yields to the event loop after this many messages read without waiting."""
+MAIN = "main"
+"""The shard key of the classic link: the only one on a single server or Sentinel, and on a cluster
+the connection (to any node) that carries classic channels and patterns."""
+REFRESH_MIN_S = 0.2
+"""Shortest interval between two slot-map refreshes of a cluster (bounds a MOVED loop)."""
 
 
 def backoff_delays(first: float, maximum: float) -> Iterator[float]:
@@ -76,8 +99,26 @@ def backoff_delays(first: float, maximum: float) -> Iterator[float]:
         delay = min(delay * 2, maximum)
 
 
+def channel_slot(name: str) -> int:
+    """The cluster hash slot of a channel name (hash tags count, as for keys)."""
+    return key_slot(name.encode("utf-8", "surrogateescape"))
+
+
 class _ConnectionLost(Exception):
     """The pub/sub connection is gone or unresponsive."""
+
+
+@dataclass(eq=False)
+class _Shard:
+    """Where a group of subscriptions lives: the classic link, or one cluster primary's sharded link."""
+
+    key: str
+    address: tuple[str, int] | None = None
+    """A cluster primary; None = resolved on every connect (single server, Sentinel, any cluster node)."""
+    subs: set[RedisSubscription] = field(default_factory=set)
+    link: _Link | None = None
+    task: asyncio.Task[None] | None = None
+    connected_to: str = ""
 
 
 @dataclass(eq=False)
@@ -85,19 +126,29 @@ class _Link:
     """One pub/sub connection and what Redis has confirmed on it (reset on every reconnect)."""
 
     conn: AbstractConnection
+    shard: _Shard
+    where: str = ""
     sent: set[RedisSubscription] = field(default_factory=set)
     pending: Counter[RedisSubscription] = field(default_factory=Counter)
     channels: set[str] = field(default_factory=set)
+    shard_channels: set[str] = field(default_factory=set)
     patterns: set[str] = field(default_factory=set)
+    refused: set[RedisSubscription] = field(default_factory=set)
+    """Sharded subscriptions this node refused (MOVED) or dropped (``sunsubscribe`` push): not re-sent
+    here until the slot map has been read again."""
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     error: BaseException | None = None
     ready: bool = False
     last_rx: float = 0.0
     ping_sent_at: float | None = None
 
+    def held(self, sub: RedisSubscription) -> set[str]:
+        if sub.is_pattern:
+            return self.patterns
+        return self.shard_channels if sub.sharded else self.channels
+
     def confirmed(self, sub: RedisSubscription) -> bool:
-        held = self.patterns if sub.is_pattern else self.channels
-        return sub.name in held and not self.pending[sub]
+        return sub.name in self.held(sub) and not self.pending[sub]
 
 
 class RedisBroker:
@@ -109,6 +160,7 @@ class RedisBroker:
         if min(reconnect_min_s, reconnect_max_s, timeout_s, health_check_s) <= 0 or pool_size < 1:
             raise ValueError("Redis broker delays, timeouts and pool size must be positive")
         self.url = url
+        self.target: RedisTarget = parse_redis_url(url)
         self.node_id = node_id
         self.mapper = channel_mapper
         self.reconnect_min_s = reconnect_min_s
@@ -116,23 +168,33 @@ class RedisBroker:
         self.timeout_s = timeout_s
         self.health_check_s = health_check_s
         self.pool_size = pool_size
-        self._url_kwargs: dict[str, Any] = dict(parse_url(url))
         self._handler: PublicationHandler | None = None
         self._gap_handler: GapHandler | None = None
         self._exact: Counter[str] = Counter()
         self._patterns: Counter[str] = Counter()
         self._wanted: Counter[RedisSubscription] = Counter()
-        self._link: _Link | None = None
-        self._healthy = False
-        self._gap_pending = False
+        self._routes: dict[RedisSubscription, str] = {}
+        self._unrouted: set[RedisSubscription] = set()
+        self._shards: dict[str, _Shard] = {MAIN: _Shard(MAIN)}
+        self._gap_subs: set[RedisSubscription] = set()
+        self._started = False
         self._waiters: list[asyncio.Future[None]] = []
-        self._supervisor: asyncio.Task[None] | None = None
-        self._client: Redis | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._router: asyncio.Task[None] | None = None
+        self._topology_dirty = asyncio.Event()
+        self._cluster_initialized = False
+        self._main_rotation = 0
+        self._client: Redis | RedisCluster | None = None
         self._pool: BlockingConnectionPool | None = None
+        self._sentinel: Sentinel | None = None
+        self._publish_address: tuple[str, int] | None = None
+        self._publish_stale = True
         self.connections = 0
-        """Pub/sub connections established so far (the first one included)."""
+        """Pub/sub connections established so far, over all shards (the first one included)."""
         self.undecodable = 0
         """Messages received on a subscribed channel that were not a publication of ours."""
+        self.reroutes = 0
+        """Sharded subscriptions moved to another cluster primary (resharding or failover)."""
 
     @classmethod
     def from_settings(cls, settings: Settings, room_reader: RoomPayloadReader | None = None) -> RedisBroker:
@@ -143,46 +205,71 @@ class RedisBroker:
                    reconnect_max_s=settings.redis_reconnect_max_s, timeout_s=settings.redis_timeout_s,
                    health_check_s=settings.redis_health_check_s, pool_size=settings.redis_pool_size)
 
+    @property
+    def cluster(self) -> bool:
+        return self.target.kind == "cluster"
+
     # --- Broker protocol -----------------------------------------------------------------------
 
     @property
     def healthy(self) -> bool:
-        return self._healthy
+        """Every needed link is connected with its subscriptions confirmed, and none is unplaced."""
+        if not self._started or self._unrouted:
+            return False
+        for shard in self._shards.values():
+            link = shard.link
+            if link is None or not link.ready or link.refused:
+                return False
+        return True
 
     async def start(self, on_publication: PublicationHandler, on_gap: GapHandler | None = None) -> None:
-        """Connect; returns once subscribed, or after ``timeout_s`` with the supervisor still trying."""
-        if self._supervisor is not None:
+        """Connect; returns once subscribed, or after ``timeout_s`` with the supervisors still trying."""
+        if self._started:
             raise RuntimeError("the Redis broker is already started")
+        self._started = True
         self._handler = on_publication
         self._gap_handler = on_gap
-        self._gap_pending = False
-        self._pool = BlockingConnectionPool(
-            max_connections=self.pool_size, timeout=self.timeout_s,
-            **self._connection_kwargs(f"gateway:{self.node_id}:publish", socket_timeout=self.timeout_s))
-        self._client = Redis(connection_pool=self._pool)
-        self._supervisor = asyncio.create_task(self._supervise(), name=f"redis-listener-{self.node_id}")
-        await self._wait(lambda: self._healthy, self.timeout_s)
-        if not self._healthy:
-            log.warning("Redis at %s not reachable yet; node %s keeps retrying", self._where(), self.node_id)
+        self._gap_subs.clear()
+        self._publish_stale = True
+        kind = self.target.kind
+        if kind == "cluster":
+            self._client = cluster_client(
+                self.target, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
+                max_connections=max(self.pool_size, 2), client_name=f"gateway:{self.node_id}:publish",
+                protocol=2, decode_responses=False)
+            self._topology_dirty.set()
+            self._router = asyncio.create_task(self._route_loop(), name=f"redis-router-{self.node_id}")
+        elif kind == "sentinel":
+            self._sentinel = sentinel_manager(self.target, timeout_s=self.timeout_s)
+        else:
+            self._make_pool(None)
+        for shard in list(self._shards.values()):
+            self._start_shard(shard)
+        await self._wait(lambda: self.healthy, self.timeout_s)
+        if not self.healthy:
+            log.warning("Redis at %s not reachable yet; node %s keeps retrying", self.target.display, self.node_id)
 
     async def stop(self) -> None:
-        supervisor, self._supervisor = self._supervisor, None
+        if not self._started:
+            return
+        self._started = False
         self._handler = None
         self._gap_handler = None
-        if supervisor is not None:
-            supervisor.cancel()
-            try:
-                await supervisor
-            except asyncio.CancelledError:
-                pass
-        self._healthy = False
+        tasks = [t for t in (self._router, *(s.task for s in self._shards.values()), *self._tasks)
+                 if t is not None]
+        self._router = None
+        for shard in self._shards.values():
+            shard.task = None
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
         self._notify()
-        client, pool = self._client, self._pool
-        self._client = self._pool = None
-        if client is not None:
-            await client.aclose()
-        if pool is not None:
-            await pool.disconnect()
+        await self._close_publisher()
+        self._sentinel = None
+        self._cluster_initialized = False
 
     async def subscribe(self, destination: str) -> None:
         """Want ``destination``; while connected, returns once Redis confirmed the subscription."""
@@ -192,17 +279,34 @@ class RedisBroker:
         if counter[destination] == 1:
             for sub in subs:
                 self._wanted[sub] += 1
-        link = self._link
-        if link is None:
+                if self._wanted[sub] == 1:
+                    self._place(sub)
+        if not self._started:
             return
-        link.wake.set()
+        links = {sub: self._link_of(sub) for sub in subs}
+        for link in links.values():
+            if link is not None:
+                link.wake.set()
+
+        def settled_one(sub: RedisSubscription) -> bool:
+            link = links[sub]
+            return (link is None or link.shard.link is not link or self._routes.get(sub) != link.shard.key
+                    or link.confirmed(sub))
 
         def settled() -> bool:
-            return self._link is not link or all(link.confirmed(sub) for sub in subs)
+            return all(settled_one(sub) for sub in subs)
 
         await self._wait(settled, self.timeout_s)
-        if not settled():
-            log.warning("Redis did not confirm the subscription to %s in %.1f s", destination, self.timeout_s)
+        unconfirmed = {sub for sub in subs if not self._confirmed(sub) and self._wanted[sub] > 0}
+        if unconfirmed:
+            # Anything published before the subscription takes effect is missed: report it as a gap.
+            self._gap_subs |= unconfirmed
+            if all(links[sub] is not None for sub in unconfirmed):
+                log.warning("Redis did not confirm the subscription to %s in %.1f s", destination, self.timeout_s)
+            for sub in unconfirmed:
+                link = self._link_of(sub)
+                if link is not None:
+                    self._flush_gaps(link)
 
     async def unsubscribe(self, destination: str) -> None:
         counter = self._patterns if is_pattern(destination) else self._exact
@@ -217,43 +321,47 @@ class RedisBroker:
             self._wanted[sub] -= 1
             if self._wanted[sub] <= 0:
                 del self._wanted[sub]
-        if self._link is not None:
-            self._link.wake.set()
+                self._gap_subs.discard(sub)
+                self._displace(sub)
 
     async def publish(self, publication: Publication) -> None:
         await self.publish_many((publication,))
 
     async def publish_many(self, publications: Sequence[Publication]) -> None:
-        """PUBLISH every publication, in order, in one pipelined round trip on one connection."""
-        client = self._client
-        if client is None:
+        """(S)PUBLISH every publication, in order, in one pipelined round trip (one per shard on a cluster)."""
+        if not self._started:
             raise BrokerUnavailable("the Redis broker is not started")
         if not publications:
             return
         encoded = [self.mapper.encode(pub if pub.origin else replace(pub, origin=self.node_id))
                    for pub in publications]
+        commands = [("SPUBLISH" if self.mapper.is_sharded(channel) else "PUBLISH", channel, payload)
+                    for channel, payload in encoded]
         try:
             async with asyncio.timeout(self.timeout_s):
-                if len(encoded) == 1:
-                    await client.publish(*encoded[0])
+                client = await self._publisher()
+                if len(commands) == 1:
+                    await client.execute_command(*commands[0])
                 else:
                     async with client.pipeline(transaction=False) as pipe:
-                        for channel, payload in encoded:
-                            pipe.publish(channel, payload)
+                        for command in commands:
+                            pipe.execute_command(*command)
                         await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"publishing to Redis at {self._where()} failed: "
+            self._publish_stale = True
+            raise BrokerUnavailable(f"publishing to Redis at {self.target.display} failed: "
                                     f"{type(exc).__name__}: {exc}") from exc
 
     async def ping(self) -> bool:
-        """One PING on the publishing pool, within ``timeout_s``."""
-        client = self._client
-        if client is None:
+        """One PING through the publishing client (every primary of a cluster), within ``timeout_s``."""
+        if not self._started:
             return False
         try:
             async with asyncio.timeout(self.timeout_s):
+                client = await self._publisher()
                 return bool(await client.ping())
-        except (RedisError, OSError, TimeoutError):
+        except (RedisError, OSError, TimeoutError, BrokerUnavailable):
+            self._publish_stale = True
             return False
 
     # --- introspection ---------------------------------------------------------------------------
@@ -262,14 +370,46 @@ class RedisBroker:
         """Every destination and pattern this node is subscribed to."""
         return frozenset(self._exact) | frozenset(self._patterns)
 
+    def links(self) -> dict[str, str]:
+        """Shard key -> the address its pub/sub connection is connected to ('' while down)."""
+        return {key: shard.connected_to if shard.link is not None else "" for key, shard in self._shards.items()}
+
+    # --- publishing clients --------------------------------------------------------------------------
+
+    def _make_pool(self, address: tuple[str, int] | None) -> None:
+        kwargs = self._connection_kwargs(f"gateway:{self.node_id}:publish", socket_timeout=self.timeout_s)
+        if address is not None:
+            kwargs.update(host=address[0], port=address[1])
+        self._pool = BlockingConnectionPool(max_connections=self.pool_size, timeout=self.timeout_s, **kwargs)
+        self._client = Redis(connection_pool=self._pool)
+        self._publish_address = address
+
+    async def _publisher(self) -> Redis | RedisCluster:
+        """The client to publish with; under Sentinel, re-asks for the primary after a failure."""
+        if self._sentinel is not None and (self._client is None or self._publish_stale):
+            address = await self._sentinel.discover_master(self.target.service)
+            if address != self._publish_address:
+                await self._close_publisher()
+                self._make_pool(address)
+        self._publish_stale = False
+        if self._client is None:
+            raise BrokerUnavailable("the Redis broker is not started")
+        return self._client
+
+    async def _close_publisher(self) -> None:
+        client, pool = self._client, self._pool
+        self._client = self._pool = None
+        self._publish_address = None
+        with contextlib.suppress(Exception):
+            if client is not None:
+                await client.aclose()
+            if pool is not None:
+                await pool.disconnect()
+
     # --- connections -------------------------------------------------------------------------------
 
-    def _where(self) -> str:
-        kwargs = self._url_kwargs
-        return str(kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}")
-
     def _connection_kwargs(self, client_name: str, *, socket_timeout: float | None) -> dict[str, Any]:
-        kwargs = dict(self._url_kwargs)
+        kwargs = dict(self.target.options)
         kwargs.update(
             socket_timeout=socket_timeout, socket_connect_timeout=self.timeout_s,
             retry=Retry(NoBackoff(), 0), retry_on_error=[], health_check_interval=0,
@@ -278,42 +418,44 @@ class RedisBroker:
         kwargs.pop("timeout", None)
         return kwargs
 
-    def _new_pubsub_connection(self) -> AbstractConnection:
+    async def _resolve(self, shard: _Shard) -> tuple[str, int] | None:
+        """Where ``shard`` connects now (None: the URL's single server)."""
+        if shard.address is not None:
+            return shard.address
+        if self._sentinel is not None:
+            host, port = await self._sentinel.discover_master(self.target.service)
+            return str(host), int(port)
+        if self.cluster:
+            candidates = list(self.target.hosts)
+            client = self._client
+            if isinstance(client, RedisCluster) and self._cluster_initialized:
+                known = [(n.host, int(n.port)) for n in client.get_primaries()]
+                candidates = known + [h for h in candidates if h not in known]
+            self._main_rotation += 1
+            return candidates[self._main_rotation % len(candidates)]
+        return None
+
+    async def _connect(self, shard: _Shard) -> _Link:
+        address = await self._resolve(shard)
         kwargs = self._connection_kwargs(f"gateway:{self.node_id}:pubsub", socket_timeout=None)
+        if address is not None:
+            kwargs.update(host=address[0], port=address[1])
+            kwargs.pop("path", None)
         connection_class: type[AbstractConnection] = kwargs.pop("connection_class", Connection)
-        return connection_class(**kwargs)
-
-    # --- supervision ---------------------------------------------------------------------------
-
-    async def _supervise(self) -> None:
-        delays = backoff_delays(self.reconnect_min_s, self.reconnect_max_s)
-        while True:
-            link: _Link | None = None
-            connected = False
-            try:
-                conn = self._new_pubsub_connection()
-                link = _Link(conn)
-                async with asyncio.timeout(self.timeout_s):
-                    await conn.connect()  # type: ignore[no-untyped-call]
-                connected = True
-                self.connections += 1
-                log.info("node %s: Redis pub/sub connected to %s", self.node_id, self._where())
-                await self._run(link)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("node %s: Redis pub/sub connection to %s %s: %s: %s", self.node_id, self._where(),
-                            "lost" if connected else "failed", type(exc).__name__, exc)
-            finally:
-                if link is not None:
-                    self._link = None
-                    await self._close(link.conn)
-                self._healthy = False
-                self._gap_pending = True
-                self._notify()
-            if link is not None and link.ready:
-                delays = backoff_delays(self.reconnect_min_s, self.reconnect_max_s)
-            await asyncio.sleep(next(delays))
+        conn = connection_class(**kwargs)
+        where = f"{address[0]}:{address[1]}" if address is not None else self.target.display
+        link = _Link(conn, shard, where)
+        try:
+            await conn.connect()  # type: ignore[no-untyped-call]
+            if self._sentinel is not None:
+                await conn.send_command("ROLE", check_health=False)
+                role = await conn.read_response()
+                if not (isinstance(role, list) and role and role[0] == b"master"):
+                    raise _ConnectionLost(f"{where} is not the primary (Sentinel failover under way)")
+        except BaseException:
+            await self._close(conn)
+            raise
+        return link
 
     @staticmethod
     async def _close(conn: AbstractConnection) -> None:
@@ -322,14 +464,166 @@ class RedisBroker:
         except Exception:
             log.debug("closing a Redis connection failed", exc_info=True)
 
+    # --- placement (which shard holds which subscription) -------------------------------------------
+
+    def _route_key(self, sub: RedisSubscription) -> str | None:
+        """The shard ``sub`` belongs on now; None while a cluster's slot map is unknown."""
+        if not (self.cluster and sub.sharded):
+            return MAIN
+        client = self._client
+        if not isinstance(client, RedisCluster) or not self._cluster_initialized:
+            return None
+        try:
+            node = client.nodes_manager.get_node_from_slot(channel_slot(sub.name))
+        except RedisError:
+            return None
+        return str(node.name)
+
+    def _place(self, sub: RedisSubscription) -> None:
+        key = self._route_key(sub)
+        if key is None:
+            self._unrouted.add(sub)
+            self._topology_dirty.set()
+            return
+        self._unrouted.discard(sub)
+        shard = self._shards.get(key)
+        if shard is None:
+            host, _, port = key.rpartition(":")
+            shard = self._shards[key] = _Shard(key, (host, int(port)))
+            if self._started:
+                self._start_shard(shard)
+        shard.subs.add(sub)
+        self._routes[sub] = key
+        if shard.link is not None:
+            shard.link.wake.set()
+
+    def _displace(self, sub: RedisSubscription) -> None:
+        self._unrouted.discard(sub)
+        key = self._routes.pop(sub, None)
+        if key is None:
+            return
+        shard = self._shards.get(key)
+        if shard is None:
+            return
+        shard.subs.discard(sub)
+        if shard.link is not None:
+            shard.link.refused.discard(sub)
+            shard.link.wake.set()
+        if not shard.subs and key != MAIN:
+            self._drop_shard(shard)
+
+    def _link_of(self, sub: RedisSubscription) -> _Link | None:
+        key = self._routes.get(sub)
+        shard = self._shards.get(key) if key is not None else None
+        return shard.link if shard is not None else None
+
+    def _confirmed(self, sub: RedisSubscription) -> bool:
+        link = self._link_of(sub)
+        return link is not None and link.confirmed(sub)
+
+    def _start_shard(self, shard: _Shard) -> None:
+        shard.task = asyncio.create_task(self._supervise(shard), name=f"redis-listener-{self.node_id}-{shard.key}")
+
+    def _drop_shard(self, shard: _Shard) -> None:
+        """Close the link of a primary that owns nothing this node needs any more."""
+        if self._shards.get(shard.key) is shard:
+            del self._shards[shard.key]
+        task, shard.task = shard.task, None
+        if task is not None:
+            task.cancel()
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._notify()
+
+    def _reroute(self) -> None:
+        """Move every sharded subscription to the primary the slot map now names (cluster only)."""
+        for sub in list(self._wanted):
+            new = self._route_key(sub)
+            old = self._routes.get(sub)
+            if new == old:
+                continue
+            if old is not None:
+                self.reroutes += 1
+                log.info("node %s: shard channel %r moves from %s to %s", self.node_id, sub.name, old, new)
+                self._gap_subs.add(sub)  # published while it moves: repaired once the new owner confirms
+                self._displace(sub)
+            self._place(sub)
+        for shard in self._shards.values():
+            if shard.link is not None and shard.link.refused:
+                shard.link.refused.clear()  # the map still names this primary: ask it again
+                shard.link.wake.set()
+        self._notify()
+
+    async def _route_loop(self) -> None:
+        """Reads the cluster's slot map whenever a link saw a sign that it changed, and re-places."""
+        delays = backoff_delays(self.reconnect_min_s, self.reconnect_max_s)
+        while True:
+            await self._topology_dirty.wait()
+            self._topology_dirty.clear()
+            client = self._client
+            if not isinstance(client, RedisCluster):
+                return
+            try:
+                async with asyncio.timeout(self.timeout_s * 2):
+                    if not self._cluster_initialized:
+                        await client.initialize()
+                        self._cluster_initialized = True
+                    else:
+                        await client.nodes_manager.initialize()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("node %s: reading the Redis Cluster slot map failed: %s: %s", self.node_id,
+                            type(exc).__name__, exc)
+                self._topology_dirty.set()
+                await asyncio.sleep(next(delays))
+                continue
+            delays = backoff_delays(self.reconnect_min_s, self.reconnect_max_s)
+            self._reroute()
+            await asyncio.sleep(REFRESH_MIN_S)
+
+    # --- supervision ---------------------------------------------------------------------------
+
+    async def _supervise(self, shard: _Shard) -> None:
+        delays = backoff_delays(self.reconnect_min_s, self.reconnect_max_s)
+        while True:
+            link: _Link | None = None
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    link = await self._connect(shard)
+                self.connections += 1
+                shard.connected_to = link.where
+                log.info("node %s: Redis pub/sub connected to %s", self.node_id, link.where)
+                await self._run(link)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("node %s: Redis pub/sub connection to %s %s: %s: %s", self.node_id,
+                            link.where if link is not None else shard.address or self.target.display,
+                            "lost" if link is not None else "failed", type(exc).__name__, exc)
+            finally:
+                if link is not None:
+                    await self._close(link.conn)
+                if shard.link is link or link is None:
+                    shard.link = None
+                    shard.connected_to = ""
+                if self._started:
+                    self._gap_subs |= shard.subs  # anything published meanwhile is gone
+                    if self.cluster:
+                        self._topology_dirty.set()  # a failover may have moved the slots
+                self._notify()
+            if link is not None and link.ready:
+                delays = backoff_delays(self.reconnect_min_s, self.reconnect_max_s)
+            await asyncio.sleep(next(delays))
+
     async def _run(self, link: _Link) -> None:
         """Subscribe, then read and health-check until the connection fails (always raises)."""
         loop = asyncio.get_running_loop()
         link.last_rx = loop.time()
-        self._link = link
+        link.shard.link = link
         await self._sync(link)
         self._check_ready(link)
-        reader = asyncio.create_task(self._read(link), name=f"redis-reader-{self.node_id}")
+        reader = asyncio.create_task(self._read(link), name=f"redis-reader-{self.node_id}-{link.shard.key}")
         try:
             while True:
                 now = loop.time()
@@ -371,41 +665,61 @@ class RedisBroker:
         except TimeoutError as exc:
             raise _ConnectionLost(f"sending to Redis blocked for {self.timeout_s} s") from exc
 
+    def _batches(self, subs: list[RedisSubscription]) -> Iterator[tuple[str, list[RedisSubscription]]]:
+        """(command prefix, subscriptions) groups one command may name: same kind, and on a cluster one
+        slot per sharded command (Redis refuses CROSSSLOT)."""
+        def kind(sub: RedisSubscription) -> tuple[str, int]:
+            prefix = "P" if sub.is_pattern else ("S" if sub.sharded else "")
+            return prefix, channel_slot(sub.name) if (sub.sharded and self.cluster) else 0
+
+        for (prefix, _), group in itertools.groupby(sorted(subs, key=kind), key=kind):
+            batch = list(group)
+            for start in range(0, len(batch), SUBSCRIBE_CHUNK):
+                yield prefix, batch[start:start + SUBSCRIBE_CHUNK]
+
     async def _sync(self, link: _Link) -> None:
-        """Send the (P)SUBSCRIBE/(P)UNSUBSCRIBE commands that make Redis match what is wanted."""
-        wanted = {sub for sub, count in self._wanted.items() if count > 0}
+        """Send the (P|S)SUBSCRIBE/(P|S)UNSUBSCRIBE commands that make Redis match what is wanted here."""
+        wanted = link.shard.subs - link.refused
         add = sorted(wanted - link.sent)
         remove = sorted(link.sent - wanted)
         for subs, verb in ((add, "SUBSCRIBE"), (remove, "UNSUBSCRIBE")):
-            for is_pat, group in itertools.groupby(subs, key=lambda s: s.is_pattern):
-                batch = list(group)
-                for start in range(0, len(batch), SUBSCRIBE_CHUNK):
-                    chunk = batch[start:start + SUBSCRIBE_CHUNK]
-                    for sub in chunk:
-                        link.pending[sub] += 1
-                        if verb == "SUBSCRIBE":
-                            link.sent.add(sub)
-                        else:
-                            link.sent.discard(sub)
-                    await self._send(link, (("P" if is_pat else "") + verb, *(s.name for s in chunk)))
+            for prefix, chunk in self._batches(subs):
+                for sub in chunk:
+                    link.pending[sub] += 1
+                    if verb == "SUBSCRIBE":
+                        link.sent.add(sub)
+                    else:
+                        link.sent.discard(sub)
+                await self._send(link, (prefix + verb, *(s.name for s in chunk)))
 
     def _check_ready(self, link: _Link) -> None:
-        if link.ready or self._link is not link or +link.pending:
+        if link.shard.link is not link:
             return
-        link.ready = True
-        self._healthy = True
-        self._notify()
-        if self._gap_pending:
-            self._gap_pending = False
-            destinations = self.destinations()
-            log.info("node %s: Redis re-subscribed %d destinations after a reconnect (gap)",
-                     self.node_id, len(destinations))
-            gap_handler = self._gap_handler
-            if gap_handler is not None:
-                try:
-                    gap_handler(destinations)
-                except Exception:
-                    log.exception("on_gap callback failed")
+        if not link.ready and not +link.pending:
+            link.ready = True
+            self._notify()
+        self._flush_gaps(link)
+
+    def _flush_gaps(self, link: _Link) -> None:
+        """Report the destinations whose lost subscriptions ``link`` has confirmed again (once ready)."""
+        if not link.ready or not self._gap_subs or link.shard.link is not link:
+            return
+        key = link.shard.key
+        back = {sub for sub in self._gap_subs if self._routes.get(sub) == key and link.confirmed(sub)}
+        if not back:
+            return
+        self._gap_subs -= back
+        destinations = frozenset(d for d in self.destinations() if self.mapper.subscriptions(d) & back)
+        if not destinations:
+            return
+        log.info("node %s: Redis re-subscribed %d destinations on %s after a gap",
+                 self.node_id, len(destinations), link.where)
+        gap_handler = self._gap_handler
+        if gap_handler is not None:
+            try:
+                gap_handler(destinations)
+            except Exception:
+                log.exception("on_gap callback failed")
 
     # --- receiving ---------------------------------------------------------------------------------
 
@@ -414,7 +728,11 @@ class RedisBroker:
         conn = link.conn
         try:
             for count in itertools.count(1):
-                reply = await conn.read_response()
+                try:
+                    reply = await conn.read_response()
+                except AskError as exc:  # MOVED or ASK to an SSUBSCRIBE: the slot is not this node's
+                    self._refused(link, exc.slot_id, f"{type(exc).__name__} {exc}")
+                    continue
                 link.last_rx = loop.time()
                 if link.ping_sent_at is not None:
                     link.ping_sent_at = None
@@ -428,30 +746,61 @@ class RedisBroker:
             link.error = exc
             link.wake.set()
 
+    def _refused(self, link: _Link, slot: int, why: str) -> None:
+        """A sharded subscription command for ``slot`` was redirected: re-read the slot map."""
+        subs = [s for s in list(link.pending) if s.sharded and channel_slot(s.name) == slot]
+        log.info("node %s: %s refused shard channels of slot %d (%s); reading the slot map",
+                 self.node_id, link.where, slot, why)
+        for sub in subs:
+            del link.pending[sub]
+            link.sent.discard(sub)
+            link.shard_channels.discard(sub.name)
+            if self._wanted[sub] > 0 and self._routes.get(sub) == link.shard.key:
+                link.refused.add(sub)
+                self._gap_subs.add(sub)
+        self._topology_dirty.set()
+        self._check_ready(link)
+        self._notify()
+
     def _handle(self, link: _Link, reply: object) -> None:
         if not isinstance(reply, list) or not reply or not isinstance(reply[0], bytes):
             return  # a PONG outside subscribed mode: liveness only
         kind = reply[0]
-        if kind == b"message" and len(reply) == 3:
+        if kind in (b"message", b"smessage") and len(reply) == 3:
             self._deliver(reply[1], reply[2])
         elif kind == b"pmessage" and len(reply) == 4:
             if self._canonical_pattern(link, reply[1], reply[2]):
                 self._deliver(reply[2], reply[3])
-        elif kind in (b"subscribe", b"psubscribe", b"unsubscribe", b"punsubscribe") and len(reply) == 3:
-            is_pat = kind.startswith(b"p")
+        elif kind in (b"subscribe", b"psubscribe", b"ssubscribe",
+                      b"unsubscribe", b"punsubscribe", b"sunsubscribe") and len(reply) == 3:
             name = reply[1].decode("utf-8", "surrogateescape") if isinstance(reply[1], bytes) else ""
-            held = link.patterns if is_pat else link.channels
+            sub = RedisSubscription(kind.startswith(b"p"), name, kind in (b"ssubscribe", b"sunsubscribe"))
+            held = link.held(sub)
             if kind.endswith(b"unsubscribe"):
                 held.discard(name)
             else:
                 held.add(name)
-            sub = RedisSubscription(is_pat, name)
             if link.pending[sub] > 0:
                 link.pending[sub] -= 1
                 if not link.pending[sub]:
                     del link.pending[sub]
+            elif kind == b"sunsubscribe":
+                self._dropped_by_server(link, sub)
             self._check_ready(link)
             self._notify()
+
+    def _dropped_by_server(self, link: _Link, sub: RedisSubscription) -> None:
+        """Redis unsubscribed a shard channel by itself: its slot moved (resharding or failover)."""
+        log.info("node %s: %s dropped shard channel %r (its slot moved); reading the slot map",
+                 self.node_id, link.where, sub.name)
+        link.sent.discard(sub)
+        if self._wanted[sub] > 0:
+            self._gap_subs.add(sub)
+            if self.cluster:
+                link.refused.add(sub)
+            else:
+                link.wake.set()  # one server: subscribe again right away
+        self._topology_dirty.set()
 
     @staticmethod
     def _canonical_pattern(link: _Link, pattern: object, channel: object) -> bool:
