@@ -6,9 +6,12 @@ Every message's ``userCount`` comes from :meth:`Presence.cached`, which never wa
 makes no Redis call per message.
 
 - :class:`MemoryPresence` — single node.
-- :class:`RedisPresence` — every node keeps its own hash ``<prefix>gateway:presence:<node>``
+- :class:`RedisPresence` — every node keeps its own hash ``{<prefix>gateway:presence}:<node>``
   (roomId -> this node's session count) with a TTL it refreshes every ``ttl/3`` seconds, and is listed
-  in the set ``<prefix>gateway:presence:nodes``. A room's count is the sum over live nodes (one Lua
+  in the set ``{<prefix>gateway:presence}:nodes``. The braces are a Redis Cluster hash tag: every
+  presence key hashes to one slot, so the Lua count script and the MULTI blocks that touch several of
+  them run on one shard (a cluster refuses keys of different slots in one script or transaction).
+  The client is the deployment's (one server, Sentinel primary or cluster; ``redis_urls``). A room's count is the sum over live nodes (one Lua
   call). A node that dies without running its QUITs stops refreshing; its hash expires after
   ``presence_ttl_s`` and the counts heal. Each node writes only its own hash, so there are no races
   and counts can never go negative (Spring's counter could). Counts read for messages are cached per
@@ -76,6 +79,11 @@ class MemoryPresence:
         return self._local.get(room_id, 0)
 
 
+def presence_key_prefix(prefix: str = "") -> str:
+    """What every presence key starts with: ``{<prefix>gateway:presence}:`` (one cluster hash slot)."""
+    return "{" + prefix + "gateway:presence}:"
+
+
 # KEYS[1] = nodes set; ARGV[1] = node hash prefix; ARGV[2..] = room ids. Returns counts in order and
 # drops nodes whose hash expired.
 _COUNT_SCRIPT = """
@@ -100,13 +108,13 @@ return totals
 class RedisPresence:
     def __init__(self, redis_url: str, *, node_id: str, prefix: str = "", ttl_s: int = 30,
                  refresh_s: float = 1.0) -> None:
-        import redis.asyncio as aioredis
+        from gateway.broker.redis_urls import data_client, parse_redis_url
 
-        self._redis: Any = aioredis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        self._redis: Any = data_client(parse_redis_url(redis_url), timeout_s=5)
         self.node_id = node_id
         self.ttl_s = ttl_s
-        self._nodes_key = f"{prefix}gateway:presence:nodes"
-        self._node_prefix = f"{prefix}gateway:presence:"
+        self._node_prefix = presence_key_prefix(prefix)
+        self._nodes_key = self._node_prefix + "nodes"
         self._node_key = self._node_prefix + node_id
         self._local: Counter[str] = Counter()
         self._task: asyncio.Task[None] | None = None

@@ -124,7 +124,7 @@ def presence(cluster: LocalCluster, room_id: str) -> dict[str, int]:
     try:
         counts = {}
         for node in cluster.nodes:
-            value = client.hget(f"gateway:presence:{node.node_id}", room_id)
+            value = client.hget(f"{{gateway:presence}}:{node.node_id}", room_id)
             counts[node.node_id] = int(value) if value is not None else 0
         return counts
     finally:
