@@ -119,6 +119,8 @@ class _Shard:
     link: _Link | None = None
     task: asyncio.Task[None] | None = None
     connected_to: str = ""
+    down: bool = False
+    """The last connection attempt failed or the connection was lost (False while first connecting)."""
 
 
 @dataclass(eq=False)
@@ -183,6 +185,7 @@ class RedisBroker:
         self._router: asyncio.Task[None] | None = None
         self._topology_dirty = asyncio.Event()
         self._cluster_initialized = False
+        self._map_failing = False
         self._main_rotation = 0
         self._client: Redis | RedisCluster | None = None
         self._pool: BlockingConnectionPool | None = None
@@ -283,15 +286,20 @@ class RedisBroker:
                     self._place(sub)
         if not self._started:
             return
-        links = {sub: self._link_of(sub) for sub in subs}
-        for link in links.values():
+        for sub in subs:
+            link = self._link_of(sub)
             if link is not None:
                 link.wake.set()
 
         def settled_one(sub: RedisSubscription) -> bool:
-            link = links[sub]
-            return (link is None or link.shard.link is not link or self._routes.get(sub) != link.shard.key
-                    or link.confirmed(sub))
+            """Confirmed, or known not to be confirmable now (its link or the slot map is down)."""
+            key = self._routes.get(sub)
+            shard = self._shards.get(key) if key is not None else None
+            if shard is None:
+                return self._map_failing
+            if shard.link is None:
+                return shard.down
+            return shard.link.confirmed(sub)
 
         def settled() -> bool:
             return all(settled_one(sub) for sub in subs)
@@ -301,7 +309,7 @@ class RedisBroker:
         if unconfirmed:
             # Anything published before the subscription takes effect is missed: report it as a gap.
             self._gap_subs |= unconfirmed
-            if all(links[sub] is not None for sub in unconfirmed):
+            if not settled():
                 log.warning("Redis did not confirm the subscription to %s in %.1f s", destination, self.timeout_s)
             for sub in unconfirmed:
                 link = self._link_of(sub)
@@ -575,10 +583,13 @@ class RedisBroker:
             except Exception as exc:
                 log.warning("node %s: reading the Redis Cluster slot map failed: %s: %s", self.node_id,
                             type(exc).__name__, exc)
+                self._map_failing = True
+                self._notify()
                 self._topology_dirty.set()
                 await asyncio.sleep(next(delays))
                 continue
             delays = backoff_delays(self.reconnect_min_s, self.reconnect_max_s)
+            self._map_failing = False
             self._reroute()
             await asyncio.sleep(REFRESH_MIN_S)
 
@@ -593,13 +604,15 @@ class RedisBroker:
                     link = await self._connect(shard)
                 self.connections += 1
                 shard.connected_to = link.where
+                shard.down = False
                 log.info("node %s: Redis pub/sub connected to %s", self.node_id, link.where)
                 await self._run(link)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("node %s: Redis pub/sub connection to %s %s: %s: %s", self.node_id,
-                            link.where if link is not None else shard.address or self.target.display,
+                            link.where if link is not None else
+                            (f"{shard.address[0]}:{shard.address[1]}" if shard.address else self.target.display),
                             "lost" if link is not None else "failed", type(exc).__name__, exc)
             finally:
                 if link is not None:
@@ -607,6 +620,7 @@ class RedisBroker:
                 if shard.link is link or link is None:
                     shard.link = None
                     shard.connected_to = ""
+                shard.down = True
                 if self._started:
                     self._gap_subs |= shard.subs  # anything published meanwhile is gone
                     if self.cluster:

@@ -91,14 +91,15 @@ async def cluster_factory(tmp_path: Path) -> AsyncIterator[Any]:
 
     async def make(count: int, *, database: str = "sqlite", redis: RedisServer | None = None,
                    settings: dict[str, Any] | None = None,
-                   per_node: list[dict[str, Any]] | None = None) -> Cluster:
+                   per_node: list[dict[str, Any]] | None = None, redis_url: str | None = None) -> Cluster:
+        """``redis_url`` (e.g. a Sentinel or Cluster URL) replaces the private redis-server."""
         if database == "sqlite":
             url = f"sqlite+aiosqlite:///{tmp_path / 'cluster.db'}"
         else:
             url = await stack.enter_async_context(temporary_database())
         result = run_cli("migrate", "--database-url", url)
         assert result.returncode == 0, result.stderr
-        if count > 1 and redis is None:
+        if count > 1 and redis is None and redis_url is None:
             redis = stack.enter_context(RedisServer())
         nodes = []
         for index in range(count):
@@ -106,6 +107,8 @@ async def cluster_factory(tmp_path: Path) -> AsyncIterator[Any]:
                                              "heartbeat_receive_ms": 0, "presence_ttl_s": 3}
             if redis is not None:
                 node_settings["redis_url"] = redis.url
+            if redis_url is not None:
+                node_settings["redis_url"] = redis_url
             node_settings.update(settings or {})
             if per_node is not None:
                 node_settings.update(per_node[index])
