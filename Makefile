@@ -34,11 +34,12 @@ node_modules/.package-lock.json: package.json package-lock.json
 node-deps: node_modules/.package-lock.json
 
 # Services and tools the test suite drives for real: redis-server (tests start their own on free
-# ports), nginx (load-balancer tests), Debian's chromium (browser tests). Installed with apt-get when
+# ports; also Sentinels and a Redis Cluster, which redis-cli from redis-tools creates), nginx (load-balancer tests), Debian's chromium (browser tests). Installed with apt-get when
 # missing (CI runs as root). PostgreSQL is expected at 127.0.0.1:5432.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
