@@ -3,7 +3,8 @@
 - ``redis_server``: one redis-server for the whole session (tests isolate themselves with a unique
   channel prefix, so they never see each other's traffic);
 - ``private_redis``: a redis-server of the test's own, for fault tests that kill or pause it;
-- ``bus`` (memory, redis-room, redis-single) and ``redis_bus`` (the two Redis modes): a
+- ``bus`` (memory, redis-room, redis-single, redis-sharded) and ``redis_bus`` (the Redis kinds;
+  redis-sharded = room mode with ``redis_sharded_pubsub`` on, SSUBSCRIBE/SPUBLISH on one server): a
   :class:`Bus` that makes started :class:`Node` objects and stops them after the test.
 
 A :class:`Node` records what its broker delivered. Waiting is polling with a generous deadline
@@ -113,10 +114,16 @@ class Bus:
 
     @property
     def mode(self) -> str:
-        return self.kind.removeprefix("redis-")
+        return "room" if self.sharded else self.kind.removeprefix("redis-")
+
+    @property
+    def sharded(self) -> bool:
+        """Room channels over SSUBSCRIBE/SPUBLISH (``redis_sharded_pubsub``) on the one redis-server."""
+        return self.kind == "redis-sharded"
 
     def mapper(self, node_id: str) -> SpringChannelMapper:
-        return SpringChannelMapper(mode=self.mode, prefix=self.prefix, node_id=node_id, room_reader=peek_seq)
+        return SpringChannelMapper(mode=self.mode, prefix=self.prefix, node_id=node_id, room_reader=peek_seq,
+                                   sharded=self.sharded)
 
     def broker(self, node_id: str, **options: Any) -> Broker:
         if self.kind == "memory":
@@ -162,14 +169,16 @@ async def _make_bus(kind: str, request: pytest.FixtureRequest) -> AsyncIterator[
 
 
 @pytest.fixture(params=["memory", pytest.param("redis-room", marks=pytest.mark.redis),
-                        pytest.param("redis-single", marks=pytest.mark.redis)])
+                        pytest.param("redis-single", marks=pytest.mark.redis),
+                        pytest.param("redis-sharded", marks=pytest.mark.redis)])
 async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
     async for value in _make_bus(request.param, request):
         yield value
 
 
 @pytest.fixture(params=[pytest.param("redis-room", marks=pytest.mark.redis),
-                        pytest.param("redis-single", marks=pytest.mark.redis)])
+                        pytest.param("redis-single", marks=pytest.mark.redis),
+                        pytest.param("redis-sharded", marks=pytest.mark.redis)])
 async def redis_bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
     async for value in _make_bus(request.param, request):
         yield value

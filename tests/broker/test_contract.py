@@ -137,7 +137,10 @@ async def test_single_segment_pattern_matches_rooms_only(bus: Bus) -> None:
     await node.broker.publish(Publication("/sub/chat/room/deeper/x", b"no"))
     await node.broker.publish(Publication(b, chat_message(b_id), "application/json", (("h", "v"),)))
     await bus.settle(node)
-    assert [p.destination for p in node.received] == [a, b]
+    if bus.sharded:  # Redis has no sharded pattern subscription: only the (classic) envelope channel matches
+        assert [p.destination for p in node.received] == [b]
+    else:
+        assert [p.destination for p in node.received] == [a, b]
 
 
 async def test_double_star_pattern_matches_rooms_and_other_destinations(bus: Bus) -> None:
@@ -148,7 +151,8 @@ async def test_double_star_pattern_matches_rooms_and_other_destinations(bus: Bus
     await node.broker.publish(Publication("/sub/other/x", b"yes"))
     await node.broker.publish(Publication("/app/not/sub", b"no"))
     await bus.settle(node)
-    assert [p.destination for p in node.received] == [a, "/sub/other/x"]
+    expected = ["/sub/other/x"] if bus.sharded else [a, "/sub/other/x"]  # see the test above
+    assert [p.destination for p in node.received] == expected
 
 
 async def test_generic_pattern(bus: Bus) -> None:
