@@ -52,6 +52,9 @@ class Gateway:
     startup: list[Component] = field(default_factory=list)
     shutdown: list[Component] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    health_checks: dict[str, Callable[[], Awaitable[bool]]] = field(default_factory=dict)
+    """Dependencies /readyz reports besides the bus (e.g. "database"); each answers within its own
+    timeout and never raises."""
 
     def new_connection(self, sink: FrameSink, *, transport: str, remote: str) -> Connection:
         connection = StompConnection(self.hub, self.settings, self.config, sink, transport=transport,
@@ -91,10 +94,21 @@ def _health_routes() -> list[BaseRoute]:
         return PlainTextResponse("ok\n")
 
     async def readyz(request: Request) -> Response:
+        """200 when the node serves and every dependency answers, else 503; the body says which."""
         gateway: Gateway = request.app.state.gateway
-        ready = gateway.ready and gateway.broker.healthy
-        body = {"ready": ready, "node": gateway.settings.node_id, "broker": gateway.broker.healthy,
-                "draining": gateway.draining, "sessions": len(gateway.hub.sessions)}
+        names = list(gateway.health_checks)
+        results = await asyncio.gather(gateway.broker.ping(), *(gateway.health_checks[n]() for n in names))
+        checks: dict[str, str] = {}
+        if gateway.settings.redis_url is not None:
+            checks["redis"] = "up" if results[0] else "down"
+            checks["listener"] = "up" if gateway.broker.healthy else "down"
+        else:
+            checks["broker"] = "up" if results[0] and gateway.broker.healthy else "down"
+        checks.update((name, "up" if ok else "down") for name, ok in zip(names, results[1:], strict=True))
+        ready = gateway.ready and not gateway.draining and all(v == "up" for v in checks.values())
+        body = {"ready": ready, "node": gateway.settings.node_id, "draining": gateway.draining,
+                "sessions": len(gateway.hub.sessions), "checks": checks,
+                "broker": gateway.broker.healthy}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     return [Route("/healthz", healthz), Route("/readyz", readyz)]

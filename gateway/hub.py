@@ -31,8 +31,29 @@ from gateway.stomp.codec import MessageTemplate
 log = logging.getLogger(__name__)
 
 
+SEQ_HEADER = "x-seq"
+"""MESSAGE header carrying a sequenced publication's ``seq`` (a room's message number)."""
+RESUME_HEADER = "x-resume-after"
+"""SUBSCRIBE header: first deliver the destination's publications after this ``seq``, then live ones."""
+
+
 class MessageRejected(Exception):
-    """Raised by an application handler: the client gets an ERROR with ``str(exc)`` as ``message``."""
+    """Raised by an application handler: the client gets an ERROR with ``str(exc)`` as ``message``,
+    and the session is closed (STOMP's rule after an ERROR)."""
+
+    close_session = True
+
+
+class MessageNotStored(MessageRejected):
+    """The message could not be stored right now (the database is down or too slow) and sending it
+    again is safe. The client gets an ERROR whose ``message`` is ``not stored, retry`` and the
+    session STAYS OPEN: a deliberate deviation from STOMP's close-after-ERROR, so that a database
+    outage does not disconnect every session that sends."""
+
+    close_session = False
+
+    def __init__(self, message: str = "not stored, retry") -> None:
+        super().__init__(message)
 
 
 class SubscriptionDenied(Exception):
@@ -86,6 +107,9 @@ Handler = Callable[[InboundMessage], Awaitable["asyncio.Future[None] | None"]]
 resolves when the message is durable (or fails with :class:`MessageRejected`): the session then
 reads on and answers the SEND's RECEIPT when the future resolves, in SEND order."""
 Interceptor = Callable[[Publication], Iterable[Publication]]
+ResumeHandler = Callable[[str, int], Awaitable[list[Publication]]]
+"""(destination, after seq) -> the destination's publications after that seq, in order; raises
+:class:`MessageRejected` when it cannot (not a sequenced destination, resume point too old)."""
 SessionHook = Callable[[SessionInfo], Awaitable[None]]
 SubscriptionHook = Callable[[SessionInfo, str, str], Awaitable[None]]
 GapListener = Callable[[frozenset[str]], None]
@@ -151,6 +175,7 @@ class Hub:
         # Called with a destination when its last local subscription is gone (UNSUBSCRIBE or session end).
         self.on_destination_idle: list[Callable[[str], None]] = []
         self.gap_listeners: list[GapListener] = []
+        self.resume_handler: ResumeHandler | None = None
         self._subscriptions: dict[str, dict[str, str]] = {}  # session id -> {sub id: destination}
         self._broker_lock = asyncio.Lock()
         self._ended: set[str] = set()
@@ -272,13 +297,27 @@ class Hub:
         for pub in publications:
             self.deliver_locally(pub)
 
+    async def resume(self, destination: str, after: int) -> list[MessageTemplate]:
+        """The MESSAGE templates of ``destination`` after ``after`` (see :data:`ResumeHandler`)."""
+        if self.resume_handler is None:
+            raise MessageRejected(f"{RESUME_HEADER} is not supported here")
+        return [self.template(pub) for pub in await self.resume_handler(destination, after)]
+
+    @staticmethod
+    def template(publication: Publication) -> MessageTemplate:
+        """A publication's MESSAGE, serialized once for every receiver (``x-seq`` when sequenced)."""
+        extra = publication.headers
+        if publication.seq is not None:
+            extra = (*extra, (SEQ_HEADER, str(publication.seq)))
+        return MessageTemplate(publication.destination, publication.body, content_type=publication.content_type,
+                               extra_headers=extra, seq=publication.seq)
+
     def deliver_locally(self, publication: Publication) -> int:
         """Render ``publication`` to every local subscriber of its destination; returns the count."""
         receivers = list(self.registry.match(publication.destination))
         if not receivers:
             return 0
-        template = MessageTemplate(publication.destination, publication.body,
-                                   content_type=publication.content_type, extra_headers=publication.headers)
+        template = self.template(publication)
         for subscriber, subscription_id in receivers:
             subscriber.deliver(template, subscription_id)
         return len(receivers)

@@ -77,6 +77,12 @@ class Settings:
     database_url: str = _setting("sqlite+aiosqlite:///./chat-gateway.db",
                                  "SQLAlchemy async URL (sqlite+aiosqlite:// or postgresql+asyncpg://).")
     db_busy_timeout_s: float = _setting(30.0, "Seconds a SQLite write waits for another process's lock.")
+    db_connect_timeout_s: float = _setting(
+        5.0, "Seconds to open a PostgreSQL connection or wait for a pooled one before the database counts "
+        "as unavailable.")
+    db_statement_timeout_s: float = _setting(
+        5.0, "Seconds one PostgreSQL statement or lock wait may take; a group commit past connect + 2x this "
+        "is given up and its SENDs answered 'not stored, retry'.")
     redis_url: str | None = _setting(None, "Redis URL; empty = in-memory broker (single node).",
                                      parse=_parse_optional_str)
     redis_channel_mode: str = _setting(
@@ -145,6 +151,11 @@ class Settings:
     max_room_name_chars: int = _setting(100, "Longest room name, characters.")
     history_max_limit: int = _setting(500, "Most messages one history request may return.")
     commit_batch_max: int = _setting(256, "Most messages persisted in one group commit.")
+    room_head_check_s: float = _setting(
+        1.0, "Seconds between a node's reads of the last seq of the rooms it serves: a committed message "
+        "whose publication was lost reaches subscribers within 2x this, even in a quiet room.")
+    resume_max_messages: int = _setting(
+        10000, "Most messages a SUBSCRIBE with x-resume-after may replay; an older resume point gets an ERROR.")
     send_window: int = _setting(
         64, "SENDs one session may have in flight (read, not yet committed); RECEIPTs still leave in "
         "SEND order. 1 = one at a time, as Spring does.")
@@ -174,7 +185,7 @@ class Settings:
                          "outbound_max_bytes", "max_message_chars", "max_room_name_chars",
                          "history_max_limit", "commit_batch_max", "sockjs_streaming_limit_bytes",
                          "sockjs_max_cached_messages", "sockjs_max_send_bytes", "workers", "presence_ttl_s",
-                         "redis_pool_size", "send_window", "max_pending_sends")
+                         "redis_pool_size", "send_window", "max_pending_sends", "resume_max_messages")
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1 (got {getattr(self, name)})")
@@ -186,7 +197,8 @@ class Settings:
         positive_floats = ("connect_timeout_s", "outbound_send_timeout_s", "sockjs_heartbeat_s",
                            "sockjs_disconnect_delay_s", "drain_timeout_s", "redis_reconnect_max_s",
                            "redis_timeout_s", "redis_health_check_s", "db_busy_timeout_s",
-                           "presence_refresh_s")
+                           "presence_refresh_s", "room_head_check_s", "db_connect_timeout_s",
+                           "db_statement_timeout_s")
         for name in positive_floats:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive (got {getattr(self, name)})")

@@ -10,8 +10,12 @@ Guarantees:
 * a caller's future resolves only after the transaction holding its message has committed, with its
   own :class:`SaveResult` (or its own :class:`StorageError`, e.g. unknown room: a refused message
   never fails the others in its batch);
-* if the batch's transaction fails as a whole (a database error), each message of it is retried alone
-  in its own transaction, so a message that breaks the database fails only its own caller;
+* if the batch's transaction fails because the database is unavailable (refused or lost
+  connections, a lock or statement timeout, ``batch_timeout_s`` passed), every caller of the batch
+  gets :class:`DatabaseUnavailable` at once: nothing was stored and a retry is safe; a burst of such
+  failures is logged as one line when it starts and one when the database answers again;
+* if the batch's transaction fails otherwise (a database error one message can cause), each message
+  of it is retried alone in its own transaction, so that message fails only its own caller;
 * a caller cancelled before its batch starts is not stored; one cancelled later may be stored;
 * if a failure hits the COMMIT itself (connection lost mid-commit) the outcome is unknown and the
   one-by-one retry may store a message twice; only a ``client_msg_id`` makes that retry idempotent;
@@ -38,7 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.chat.models import NewMessage, SaveResult
-from gateway.chat.repository import ChatRepository, StorageError
+from gateway.chat.repository import ChatRepository, DatabaseUnavailable, StorageError, is_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ class GroupCommitWriter:
     """Batches concurrent :meth:`save` calls into group commits on ``repository``."""
 
     def __init__(self, repository: ChatRepository, *, batch_max: int, max_pending: int | None = None,
-                 on_commit: CommitListener | None = None) -> None:
+                 on_commit: CommitListener | None = None, batch_timeout_s: float | None = None) -> None:
         if batch_max < 1:
             raise ValueError("batch_max must be at least 1")
         if max_pending is not None and max_pending < 1:
@@ -89,6 +93,9 @@ class GroupCommitWriter:
         self._pending = 0
         self._room = asyncio.Event()      # set while fewer than max_pending are pending
         self._room.set()
+        self._batch_timeout_s = batch_timeout_s
+        self._refused = 0                 # messages refused in the current unavailability burst
+        self.unavailable_batches = 0
         self._queue: asyncio.Queue[_Pending | object] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
@@ -215,8 +222,11 @@ class GroupCommitWriter:
         self._largest = max(self._largest, len(live))
         self._transactions += 1
         try:
-            outcomes = await self._repository.save_batch([pending.message for pending in live])
+            outcomes = await self._save([pending.message for pending in live])
         except Exception as exc:
+            if is_unavailable(exc):
+                self._unavailable(live, exc)
+                return
             if len(live) == 1:
                 self._deliver(live[0], exc)
                 return
@@ -226,6 +236,7 @@ class GroupCommitWriter:
             for pending in live:
                 await self._commit_alone(pending)
             return
+        self._available()
         self._announce([(p.message, o) for p, o in zip(live, outcomes, strict=True) if isinstance(o, SaveResult)])
         for pending, outcome in zip(live, outcomes, strict=True):
             self._deliver(pending, outcome)
@@ -236,13 +247,37 @@ class GroupCommitWriter:
             return
         self._transactions += 1
         try:
-            (outcome,) = await self._repository.save_batch([pending.message])
+            (outcome,) = await self._save([pending.message])
         except Exception as exc:
-            self._deliver(pending, exc)
+            if is_unavailable(exc):
+                self._unavailable([pending], exc)
+            else:
+                self._deliver(pending, exc)
             return
         if isinstance(outcome, SaveResult):
             self._announce([(pending.message, outcome)])
         self._deliver(pending, outcome)
+
+    async def _save(self, batch: list[NewMessage]) -> list[SaveResult | StorageError]:
+        if self._batch_timeout_s is None:
+            return await self._repository.save_batch(batch)
+        async with asyncio.timeout(self._batch_timeout_s):
+            return await self._repository.save_batch(batch)
+
+    def _unavailable(self, batch: list[_Pending], exc: BaseException) -> None:
+        self.unavailable_batches += 1
+        if not self._refused:
+            log.warning("database unavailable (%s: %s); SENDs are answered 'not stored, retry' until it "
+                        "answers again", type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        self._refused += len(batch)
+        failure = DatabaseUnavailable(f"{type(exc).__name__}")
+        for pending in batch:
+            self._deliver(pending, failure)
+
+    def _available(self) -> None:
+        if self._refused:
+            log.info("database available again; %d messages were refused while it was not", self._refused)
+            self._refused = 0
 
     def _announce(self, committed: list[tuple[NewMessage, SaveResult]]) -> None:
         listener = self.on_commit

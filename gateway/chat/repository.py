@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -61,6 +62,7 @@ SQLITE_MAX_BINDS = 32766
 
 # The unique index that makes client message ids idempotent (see gateway.chat.models).
 _CLIENT_ID_INDEX = "uq_messages_room_client_msg_id"
+_HEADS_CHUNK = 500  # room ids per last_seqs query, well under every bind limit
 
 
 class StorageError(Exception):
@@ -79,12 +81,53 @@ class InvalidMessageError(StorageError):
     """The message cannot be stored as given (bad type, naive timestamp, ...)."""
 
 
+class DatabaseUnavailable(Exception):
+    """The database could not be reached or did not answer in time; nothing was stored, and sending
+    the same message again is safe."""
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database is down, unreachable, locked or too slow, as opposed to a
+    statement it refused (an integrity or data error that one message can cause)."""
+    if isinstance(exc, DatabaseUnavailable | TimeoutError | OSError | ConnectionError | sa_exc.TimeoutError):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        state = _sqlstate(exc)
+        if state is not None:
+            return state.startswith(_UNAVAILABLE_SQLSTATES)
+        return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.InternalError)
+    return False
+
+
+# PostgreSQL error classes that mean "not now" rather than "not this statement": connection
+# exceptions, transaction rollbacks (serialization, deadlock), insufficient resources, operator
+# intervention (query cancelled by statement_timeout, shutdown), lock_not_available, and
+# object_not_in_prerequisite_state (a database not accepting connections).
+_UNAVAILABLE_SQLSTATES = ("08", "40", "53", "57", "55P03", "55000", "58")
+
+
+def _sqlstate(exc: sa_exc.DBAPIError) -> str | None:
+    """The SQLSTATE the driver reported, if it reports one (asyncpg does; SQLite does not)."""
+    seen: BaseException | None = exc.orig
+    for _ in range(3):
+        if seen is None:
+            return None
+        state = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if isinstance(state, str) and state:
+            return state
+        seen = seen.__cause__
+    return None
+
+
 def is_sqlite_url(database_url: str) -> bool:
     return make_url(database_url).get_backend_name() == "sqlite"
 
 
 def make_engine(database_url: str, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
-                sqlite_foreign_keys: bool = True, echo: bool = False) -> AsyncEngine:
+                sqlite_foreign_keys: bool = True, echo: bool = False,
+                connect_timeout_s: float | None = None, statement_timeout_s: float | None = None) -> AsyncEngine:
     """Create the async engine for ``database_url`` (``sqlite+aiosqlite://`` or ``postgresql+asyncpg://``).
 
     SQLite connections get ``PRAGMA busy_timeout``, ``journal_mode=WAL`` and ``foreign_keys`` (turned
@@ -92,6 +135,10 @@ def make_engine(database_url: str, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEO
     own transaction handling is replaced by explicit ``BEGIN`` statements chosen per connection with
     the :data:`SQLITE_BEGIN_OPTION` execution option (default ``DEFERRED``; writers use
     :func:`write_transaction`, which asks for ``IMMEDIATE``).
+
+    On PostgreSQL, ``connect_timeout_s`` bounds a new connection and the wait for a pooled one, and
+    ``statement_timeout_s`` every statement (asyncpg's ``command_timeout``, which cancels it on the
+    server) and every lock wait (``lock_timeout``). On SQLite the lock wait is ``busy_timeout_s``.
     """
     url = make_url(database_url)
     backend = url.get_backend_name()
@@ -112,7 +159,15 @@ def make_engine(database_url: str, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEO
         # transaction) and replaces a pooled connection whose backend died (a PostgreSQL restart) at
         # checkout; without it the first batch after a restart fails, and a batch of one message
         # cannot be retried by the group commit.
-        return create_async_engine(url, echo=echo, pool_pre_ping=True)
+        connect_args: dict[str, Any] = {}
+        options: dict[str, Any] = {}
+        if connect_timeout_s is not None:
+            connect_args["timeout"] = connect_timeout_s
+            options["pool_timeout"] = connect_timeout_s
+        if statement_timeout_s is not None:
+            connect_args["command_timeout"] = statement_timeout_s
+            connect_args["server_settings"] = {"lock_timeout": str(int(statement_timeout_s * 1000))}
+        return create_async_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args, **options)
     raise ValueError(f"unsupported database URL backend {backend!r} (sqlite+aiosqlite or postgresql+asyncpg)")
 
 
@@ -341,6 +396,16 @@ class ChatRepository:
             value = (await conn.execute(
                 sa.select(rooms.c.last_seq).where(rooms.c.room_id == room_id))).scalar_one_or_none()
         return None if value is None else int(value)
+
+    async def last_seqs(self, room_ids: Sequence[str]) -> dict[str, int]:
+        """Every known room's ``last_seq`` among ``room_ids``, in one query per 500 rooms."""
+        out: dict[str, int] = {}
+        async with self._engine.connect() as conn:
+            for chunk in _chunks(sorted(set(room_ids)), _HEADS_CHUNK):
+                rows = await conn.execute(
+                    sa.select(rooms.c.room_id, rooms.c.last_seq).where(rooms.c.room_id.in_(chunk)))
+                out.update((row.room_id, int(row.last_seq)) for row in rows)
+        return out
 
     # --- messages -------------------------------------------------------------------------------
 

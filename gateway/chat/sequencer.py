@@ -18,6 +18,11 @@ database work runs in a task per room.
 ``seq`` is taken from :attr:`Publication.seq` (set by the publishing node, carried by the bus
 envelope); only a bare Spring-form payload from Redis without it has its body read.
 
+A quiet room's last message is not left to a later message to reveal: every ``head_check_s`` the
+node reads the last ``seq`` of every room it tracks (one query), and a room still behind a head seen
+one check earlier is repaired. A committed message whose publication was lost (its node died before
+publishing, or its publish queue overflowed) therefore reaches subscribers within about two checks.
+
 The node that commits a message offers it here directly (:meth:`offer_local`) before publishing it,
 so its own subscribers do not wait for (or depend on) the bus round trip; the copy that comes back
 through the bus is then a duplicate and dropped. Rooms this node does not track (no exact local
@@ -41,6 +46,7 @@ log = logging.getLogger(__name__)
 
 HistoryFetch = Callable[[str, int, int], Awaitable[list[StoredMessage]]]
 LastSeqFetch = Callable[[str], Awaitable[int | None]]
+HeadsFetch = Callable[[list[str]], Awaitable[dict[str, int]]]
 Encode = Callable[[StoredMessage], Publication]
 Deliver = Callable[[Publication], object]
 
@@ -56,14 +62,20 @@ class _Room:
     held: dict[int, Publication] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     repair_requested: bool = False
+    behind: int | None = None   # a head above ``last`` seen at the previous head check
 
 
 class RoomSequencer:
     def __init__(self, room_prefix: str, *, history: HistoryFetch, last_seq: LastSeqFetch, encode: Encode,
-                 deliver: Deliver) -> None:
+                 deliver: Deliver, heads: HeadsFetch | None = None, head_check_s: float = 1.0) -> None:
         self.room_prefix = room_prefix
         self._history = history
         self._last_seq = last_seq
+        self._heads = heads
+        self.head_check_s = head_check_s
+        self._watcher: asyncio.Task[None] | None = None
+        self._heads_failing = False
+        self.head_repairs = 0
         self._encode = encode
         self._deliver = deliver
         self._rooms: dict[str, _Room] = {}
@@ -72,6 +84,59 @@ class RoomSequencer:
 
     def room_of(self, destination: str) -> str | None:
         return room_id_of(self.room_prefix, destination)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._heads is not None and self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch_heads(), name="room-heads")
+
+    async def stop(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        tasks = [t for t in (watcher, *(s.task for s in self._rooms.values())) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch_heads(self) -> None:
+        assert self._heads is not None
+        while True:
+            await asyncio.sleep(self.head_check_s)
+            rooms = [room for room, state in self._rooms.items() if state.ready]
+            if not rooms:
+                continue
+            try:
+                heads = await self._heads(rooms)
+            except Exception as exc:
+                if not self._heads_failing:
+                    log.warning("cannot read room heads (%s: %s); quiet rooms are checked again when "
+                                "the database answers", type(exc).__name__, exc)
+                self._heads_failing = True
+                continue
+            if self._heads_failing:
+                log.info("room heads readable again")
+            self._heads_failing = False
+            self.check_heads(heads)
+
+    def check_heads(self, heads: dict[str, int]) -> None:
+        """Repair every tracked room still behind the head it had at the previous check."""
+        for room_id, head in heads.items():
+            state = self._rooms.get(room_id)
+            if state is None or not state.ready:
+                continue
+            if state.last is None:
+                # The baseline could not be read at SUBSCRIBE (database down): it starts here rather
+                # than replaying the room's whole history.
+                state.last = head
+                continue
+            last = state.last
+            previous, state.behind = state.behind, (head if head > last else None)
+            if previous is not None and last < previous and state.task is None:
+                log.info("room %s: seq %d committed but not received after %.1fs; repairing from the "
+                         "database", room_id, previous, self.head_check_s)
+                self.head_repairs += 1
+                state.repair_requested = True
+                self._start_repair(room_id, state)
 
     # --- tracking ------------------------------------------------------------------------------
 
@@ -87,8 +152,9 @@ class RoomSequencer:
         self._rooms[room_id] = state
         try:
             state.last = await self._last_seq(room_id) or 0
-        except Exception:
-            log.exception("room %s: cannot read last seq; delivering without ordering until repaired", room_id)
+        except Exception as exc:
+            log.warning("room %s: cannot read its last seq (%s); delivering without ordering until the "
+                        "database answers", room_id, type(exc).__name__)
             state.last = None
         finally:
             state.ready = True
@@ -196,7 +262,9 @@ class RoomSequencer:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    log.warning("room %s: repair failed (%s); retrying in %.1fs", room_id, exc, delay)
+                    (log.warning if delay == 0.1 else log.debug)(
+                        "room %s: repair failed (%s: %s); retrying with back-off", room_id, type(exc).__name__,
+                        str(exc).splitlines()[0][:200] if str(exc) else "")
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue

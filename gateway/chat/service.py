@@ -47,8 +47,14 @@ from gateway.chat.payload import (
     room_id_of,
 )
 from gateway.chat.presence import Presence
-from gateway.chat.repository import ChatRepository, StorageError, UnknownRoomError
-from gateway.hub import Hub, InboundMessage, MessageRejected, SessionInfo
+from gateway.chat.repository import (
+    ChatRepository,
+    DatabaseUnavailable,
+    StorageError,
+    UnknownRoomError,
+    is_unavailable,
+)
+from gateway.hub import Hub, InboundMessage, MessageNotStored, MessageRejected, SessionInfo
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,7 @@ log = logging.getLogger(__name__)
 STATE_ATTR = "chat"                # the session attribute holding its ChatSessionState
 MAX_REPUBLISH_QUEUE = 10000
 PUBLISH_BATCH = 512                # most publications sent in one pipelined round trip
+RESUME_PAGE = 500                  # messages read per query when a subscription resumes
 
 
 def enter_text(name: str) -> str:
@@ -95,6 +102,8 @@ def _storage_failure(exc: BaseException) -> BaseException:
         return MessageRejected(f"Message not stored: {exc}")
     if isinstance(exc, WriterClosedError):
         return MessageRejected("Server shutting down: message not stored, send it again")
+    if isinstance(exc, DatabaseUnavailable):
+        return MessageNotStored()
     return exc
 
 
@@ -156,9 +165,16 @@ class ChatService:
         return room_id_of(self.room_prefix, destination)
 
     async def room_exists(self, room_id: str) -> bool:
+        """Whether the room exists; raises :class:`DatabaseUnavailable` when that cannot be told."""
         if room_id in self._known_rooms:
             return True
-        if await self.repository.get_room(room_id) is not None:
+        try:
+            room = await self.repository.get_room(room_id)
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise DatabaseUnavailable(type(exc).__name__) from exc
+            raise
+        if room is not None:
             self._known_rooms.add(room_id)
             return True
         return False
@@ -227,6 +243,37 @@ class ChatService:
             failing = False
             delay = 0.2
 
+    # --- resume ------------------------------------------------------------------------------
+
+    async def resume(self, destination: str, after: int) -> list[Publication]:
+        """A room's messages after seq ``after`` (for SUBSCRIBE ``x-resume-after``), in seq order."""
+        room_id = self.room_of(destination)
+        if room_id is None:
+            raise MessageRejected(f"x-resume-after works only on room destinations ({self.room_prefix}<roomId>)")
+        limit = self.settings.resume_max_messages
+        try:
+            head = await self.repository.last_seq(room_id)
+            if head is None:
+                raise MessageRejected(f"Unknown room {room_id!r}")
+            if head - after > limit:
+                raise MessageRejected(f"resume point {after} is more than {limit} messages behind the room "
+                                      f"(last seq {head}): load its history over REST, then subscribe again")
+            found: list[StoredMessage] = []
+            cursor = after
+            while cursor < head:
+                page = await self.repository.history(room_id, cursor, RESUME_PAGE)
+                if not page:
+                    break
+                found.extend(page)
+                cursor = page[-1].seq
+        except MessageRejected:
+            raise
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            raise MessageRejected("cannot resume now, the database is unavailable: subscribe again") from None
+        return [self.encode(message) for message in found]
+
     # --- /pub/chat/message -------------------------------------------------------------------
 
     async def handle_send(self, inbound: InboundMessage) -> asyncio.Future[None] | None:
@@ -234,7 +281,11 @@ class ChatService:
             chat = decode_inbound(inbound.body, max_chars=self.settings.max_message_chars)
         except InvalidChatMessage as exc:
             raise MessageRejected(str(exc)) from None
-        if not await self.room_exists(chat.room_id):
+        try:
+            exists = await self.room_exists(chat.room_id)
+        except DatabaseUnavailable:
+            raise MessageNotStored() from None
+        if not exists:
             raise MessageRejected(f"Unknown room {chat.room_id!r}")
         client_msg_id = inbound.header("client-msg-id") or chat.client_msg_id
         if client_msg_id is not None and not 0 < len(client_msg_id) <= 64:
@@ -264,7 +315,14 @@ class ChatService:
         state.rooms[subscription_id] = room_id
         await self.presence.join(room_id)
         name = session.user or state.name
-        if name is None or room_id in state.announced or not await self.room_exists(room_id):
+        if name is None or room_id in state.announced:
+            return
+        try:
+            if not await self.room_exists(room_id):
+                return
+        except DatabaseUnavailable:
+            log.debug("room %s: ENTER of session %s skipped, the database is unavailable", room_id,
+                      session.session_id)
             return
         state.announced.add(room_id)
         await self._system_message(room_id, MessageType.ENTER, enter_text(name))
@@ -293,5 +351,8 @@ class ChatService:
     async def _system_message(self, room_id: str, kind: MessageType, text: str) -> None:
         try:
             await self.persist_and_publish(NewMessage(room_id, kind, SYSTEM_SENDER, text))
+        except MessageNotStored:
+            # Best effort while the database is down; the writer logs the outage once.
+            log.debug("room %s: %s not stored, the database is unavailable", room_id, kind)
         except MessageRejected as exc:
             log.warning("room %s: %s not stored: %s", room_id, kind, exc)

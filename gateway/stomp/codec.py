@@ -299,11 +299,12 @@ class MessageTemplate:
     [extra headers], content-length. ``render`` costs two small string encodes and one join per receiver.
     """
 
-    __slots__ = ("_extra", "_heads", "body", "content_type", "destination")
+    __slots__ = ("_extra", "_heads", "body", "content_type", "destination", "seq")
 
     def __init__(self, destination: str, body: bytes, *, content_type: str | None = "application/json",
-                 extra_headers: tuple[tuple[str, str], ...] = ()) -> None:
+                 extra_headers: tuple[tuple[str, str], ...] = (), seq: int | None = None) -> None:
         self.destination = destination
+        self.seq = seq  # the message's place in its destination's order, when it has one
         self.body = body
         self.content_type = content_type
         # content-length is always computed from the body (as serialize does), never taken from here

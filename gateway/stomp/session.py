@@ -481,6 +481,11 @@ class StompSession:
         """Queue an ERROR and end the session; returns the close to execute."""
         return self._fail(message, receipt_id)
 
+    def send_error_keep_open(self, message: str, receipt_id: str | None = None) -> None:
+        """Queue an ERROR without ending the session (for failures the client may simply retry)."""
+        if self.state is not State.CLOSED:
+            self._queue_error(message, receipt_id)
+
     def data_to_send(self) -> list[bytes]:
         out, self._outbox = self._outbox, []
         return out

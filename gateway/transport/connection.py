@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 
 from gateway.broker.base import BrokerUnavailable, Publication
-from gateway.hub import Hub, InboundMessage, MessageRejected, SessionInfo, SubscriptionDenied
+from gateway.hub import RESUME_HEADER, Hub, InboundMessage, MessageRejected, SessionInfo, SubscriptionDenied
 from gateway.settings import Settings
 from gateway.stomp.codec import MessageTemplate
 from gateway.stomp.frames import Frame
@@ -91,12 +91,14 @@ class _Close:
 class _InFlight:
     """One SEND read and handed to its handler, in SEND order: done when ``future`` is."""
 
-    __slots__ = ("error", "future", "receipt")
+    __slots__ = ("error", "fatal", "future", "receipt")
 
-    def __init__(self, future: asyncio.Future[None] | None, receipt: str | None, error: str | None) -> None:
+    def __init__(self, future: asyncio.Future[None] | None, receipt: str | None, error: str | None,
+                 fatal: bool = True) -> None:
         self.future = future
         self.receipt = receipt
         self.error = error
+        self.fatal = fatal   # an ERROR for it closes the session
 
 
 class StompConnection:
@@ -125,6 +127,9 @@ class StompConnection:
         self._writer_task: asyncio.Task[None] | None = None
         self._aborted = False
         self._inflight: deque[_InFlight] = deque()
+        # Subscriptions resuming after a seq: live MESSAGEs wait here until the history before them is out.
+        self._catching_up: dict[str, list[MessageTemplate]] = {}
+        self._queue_low = asyncio.Event()   # set by the writer when the queue is under half its limit
         self._refusing = False   # a SEND failed: read nothing more, its ERROR closes the session
 
     # --- Connection protocol ----------------------------------------------------------------
@@ -169,6 +174,7 @@ class StompConnection:
         if self._lost:
             return
         self._lost = True
+        self._queue_low.set()
         self.session.close()
         current = asyncio.current_task()
         for task in self._tasks:
@@ -181,6 +187,14 @@ class StompConnection:
     def deliver(self, template: MessageTemplate, subscription_id: str) -> None:
         if self.closed:
             return
+        if self._catching_up:
+            held = self._catching_up.get(subscription_id)
+            if held is not None:
+                held.append(template)
+                return
+        self._render(template, subscription_id)
+
+    def _render(self, template: MessageTemplate, subscription_id: str) -> None:
         data = self.session.render_message(template, subscription_id)
         if data is not None:
             self._enqueue(data)
@@ -210,6 +224,9 @@ class StompConnection:
             if isinstance(event, MessageSent):  # only broker SENDs come here
                 await self._message(event)
             elif isinstance(event, Subscribed):
+                resume_after = self._resume_point(event)
+                if resume_after is not None:
+                    self._catching_up[event.subscription_id] = []
                 await self.hub.subscribe(self, event.subscription_id, event.destination)
                 if self._lost:
                     # The connection died while the subscription was being set up (after
@@ -220,6 +237,8 @@ class StompConnection:
                 if event.receipt is not None:
                     self.session.send_receipt(event.receipt)
                     self._drain_session()
+                if resume_after is not None:
+                    await self._resume(event.subscription_id, event.destination, resume_after)
                 await self.hub.subscribed(self, event.subscription_id, event.destination)
             elif isinstance(event, Unsubscribed):
                 await self.hub.unsubscribe(self, event.subscription_id, event.destination)
@@ -267,6 +286,7 @@ class StompConnection:
             return
         future: asyncio.Future[None] | None = None
         error: str | None = None
+        fatal = True
         try:
             handler = self.hub.router.resolve(event.destination)
             if handler is None:
@@ -274,14 +294,15 @@ class StompConnection:
             future = await handler(InboundMessage(self.info, event.destination, event.headers, event.body))
         except MessageRejected as exc:
             error = str(exc)
+            fatal = exc.close_session
         except BrokerUnavailable:
             log.warning("session %s: broker unavailable", self.info.session_id)
             error = "Message broker unavailable, try again"
         except Exception:
             log.exception("session %s: internal error handling a SEND", self.info.session_id)
             error = "Internal server error"
-        self._inflight.append(_InFlight(future, event.receipt, error))
-        if error is not None:
+        self._inflight.append(_InFlight(future, event.receipt, error, fatal))
+        if error is not None and fatal:
             self._refusing = True
         elif future is not None and not future.done():
             future.add_done_callback(self._send_done)
@@ -299,17 +320,19 @@ class StompConnection:
             if future is not None and not future.done():
                 break
             inflight.popleft()
-            error = head.error
+            error, fatal = head.error, head.fatal
             if future is not None:
                 exc = MessageRejected("Message not stored") if future.cancelled() else future.exception()
                 if isinstance(exc, MessageRejected):
-                    error = str(exc)
+                    error, fatal = str(exc), exc.close_session
                 elif exc is not None:
                     log.error("session %s: a SEND failed", self.info.session_id, exc_info=exc)
                     error = "Internal server error"
             if self.closed:
                 continue  # nobody to answer; the message was committed or not, either way not dropped
-            if error is not None:
+            if error is not None and not fatal:
+                self.session.send_error_keep_open(error, head.receipt)
+            elif error is not None:
                 self._refusing = True
                 self._fail(error, head.receipt)
             elif head.receipt is not None:
@@ -327,6 +350,36 @@ class StompConnection:
         """Wait until every SEND read so far is answered (before any other frame is handled)."""
         while self._inflight and not self._lost:
             await self._wait_head()
+
+    @staticmethod
+    def _resume_point(event: Subscribed) -> int | None:
+        raw = next((value for key, value in event.headers if key == RESUME_HEADER), None)
+        if raw is None:
+            return None
+        if not raw.isdigit() or len(raw) > 18:
+            raise MessageRejected(f"{RESUME_HEADER} must be a sequence number (0 or more), not {raw!r}")
+        return int(raw)
+
+    async def _resume(self, subscription_id: str, destination: str, after: int) -> None:
+        """Send the history after ``after``, then the live MESSAGEs held meanwhile, without overlap."""
+        try:
+            history = await self.hub.resume(destination, after)
+        except BaseException:
+            self._catching_up.pop(subscription_id, None)
+            raise
+        last = after
+        for template in history:
+            # Paced by the writer: a long replay never makes this session a slow consumer by itself.
+            while self._queued_bytes > self.settings.outbound_max_bytes // 2 and not self.closed:
+                self._queue_low.clear()
+                await self._queue_low.wait()
+            if self.closed:
+                return
+            self._render(template, subscription_id)
+            last = template.seq if template.seq is not None else last
+        for template in self._catching_up.pop(subscription_id, []):
+            if template.seq is None or template.seq > last:
+                self._render(template, subscription_id)
 
     def _fail(self, message: str, receipt: str | None, *, code: int | None = None) -> None:
         close = self.session.send_error(message, receipt)
@@ -423,6 +476,8 @@ class StompConnection:
                 except Exception:
                     break  # the transport is gone
                 self.session.note_sent(self.clock())
+                if self._queued_bytes <= self.settings.outbound_max_bytes // 2:
+                    self._queue_low.set()
         except asyncio.CancelledError:
             if not self._aborted:
                 return  # connection_lost cancelled us

@@ -14,42 +14,16 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-import pytest
-
-from gateway.app import create_app
-from gateway.chat.migrations import upgrade
 from gateway.chat.service import ChatService
-from gateway.settings import load_settings
 from tests.chat.test_chat_service import ROOM_PREFIX, client, create_room, db_count
 from tests.support.live_server import LiveServer
 from tests.support.stomp_wire import WsStompClient, frame
 
 SEND_HEADERS = {"destination": "/pub/chat/message", "content-type": "application/json"}
-
-
-@pytest.fixture
-async def make_server(tmp_path: Path) -> AsyncIterator[Any]:
-    servers: list[LiveServer] = []
-
-    async def make(**overrides: Any) -> LiveServer:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"
-        await asyncio.to_thread(upgrade, url)
-        settings = load_settings(environ={}, database_url=url, heartbeat_receive_ms=0, node_id="test-node",
-                                 db_busy_timeout_s=120, **overrides)
-        server = LiveServer(create_app(settings)).start()
-        servers.append(server)
-        return server
-
-    try:
-        yield make
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def chat_service(server: LiveServer) -> ChatService:

@@ -184,3 +184,52 @@ async def test_an_arrival_during_a_repair_read_makes_the_repair_read_again() -> 
     await world.settle()
     world.receive(late_2)
     assert world.delivered == [1, 2, 3]
+
+
+async def test_a_quiet_rooms_lost_last_message_is_repaired_at_the_second_head_check() -> None:
+    world = World()
+    await world.sequencer.track("r")
+    world.receive(world.commit(1))
+    world.commit(2)            # committed, never published, and nothing follows in this room
+    world.sequencer.check_heads({"r": 2})        # first sight: maybe just in flight
+    await world.settle()
+    assert world.delivered == [1] and world.history_calls == 0
+    world.sequencer.check_heads({"r": 2})        # still behind one check later: repair
+    await world.settle()
+    assert world.delivered == [1, 2]
+    assert world.sequencer.head_repairs == 1
+
+
+async def test_a_message_arriving_between_head_checks_needs_no_repair() -> None:
+    world = World()
+    await world.sequencer.track("r")
+    late = world.commit(1)
+    world.sequencer.check_heads({"r": 1})
+    world.receive(late)                          # the publication was only in flight
+    world.sequencer.check_heads({"r": 1})
+    await world.settle()
+    assert world.delivered == [1] and world.history_calls == 0
+
+
+async def test_the_head_watcher_reads_heads_on_its_own() -> None:
+    world = World()
+    calls: list[list[str]] = []
+
+    async def heads(rooms: list[str]) -> dict[str, int]:
+        calls.append(rooms)
+        return {room: await world.last_seq(room) or 0 for room in rooms}
+
+    world.sequencer = RoomSequencer(PREFIX, history=world.history, last_seq=world.last_seq,
+                                    encode=world.encode, deliver=world.deliver, heads=heads, head_check_s=0.01)
+    await world.sequencer.track("r")
+    world.commit(1)
+    await world.sequencer.start()
+    try:
+        for _ in range(500):
+            if world.delivered == [1]:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await world.sequencer.stop()
+    assert world.delivered == [1]
+    assert calls and calls[0] == ["r"]
