@@ -427,7 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     curve.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
     curve.add_argument("--plot", default="", help="PNG to write (default docs/bench-chat-curve.png; "
                        "quick: next to the JSON)")
+    parser.add_argument("--redis-cluster", action="store_true",
+                        help="run bench.redis_cluster instead: cross-node fan-out through one Redis vs a 3-shard "
+                             "Redis Cluster (sharded and classic Pub/Sub), per-shard CPU, one-shard check")
+    from bench import redis_cluster
+    redis_cluster.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.redis_cluster:
+        return redis_cluster.run(args)
     if args.gateway_tree:
         _tree.append(Path(args.gateway_tree).resolve())
     if args.curve:
