@@ -83,8 +83,10 @@ class Settings:
     db_statement_timeout_s: float = _setting(
         5.0, "Seconds one PostgreSQL statement or lock wait may take; a group commit past connect + 2x this "
         "is given up and its SENDs answered 'not stored, retry'.")
-    redis_url: str | None = _setting(None, "Redis URL; empty = in-memory broker (single node).",
-                                     parse=_parse_optional_str)
+    redis_url: str | None = _setting(
+        None, "Redis URL: redis://host:port/db (also rediss://, unix://), "
+        "redis+sentinel://host:port,host:port/<service> or redis+cluster://host:port,host:port; "
+        "empty = in-memory broker (single node).", parse=_parse_optional_str)
     redis_channel_mode: str = _setting(
         "room", "'room': one Redis channel per room named by roomId (the seed's ChannelTopic); "
         "'single': every room on one channel (the reference master's 'chatroom').")
