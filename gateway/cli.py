@@ -326,13 +326,13 @@ async def _check_redis(report: CheckReport, settings: Settings, timeout_s: float
     if settings.redis_url is None:
         report.add("skip", "redis", "redis_url is not set: in-memory broker, a single node")
         return
-    import redis.asyncio as aioredis
     from redis.exceptions import ResponseError
+
+    from gateway.broker.redis_urls import data_client, parse_redis_url
 
     shown = redact_url(settings.redis_url)
     try:
-        client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=timeout_s,
-                                         socket_timeout=timeout_s)
+        client = data_client(parse_redis_url(settings.redis_url), timeout_s=timeout_s)  # one server, Sentinel or Cluster
     except Exception as exc:  # a malformed URL
         report.add("FAIL", "redis", f"{shown}: {_describe_error(exc)}")
         return
@@ -350,6 +350,9 @@ async def _check_redis(report: CheckReport, settings: Settings, timeout_s: float
         except (ResponseError, TimeoutError) as exc:
             report.add("warn", "redis", f"{shown}: reachable, version unknown (INFO failed: {_describe_error(exc)})")
             return
+        if isinstance(info, dict) and "redis_version" not in info:  # a cluster: one INFO per node
+            versions = [str(v.get("redis_version", "?")) for v in info.values() if isinstance(v, dict)]
+            info = {"redis_version": min(versions, key=_version_tuple)} if versions else {}
         version = str(info.get("redis_version", "?"))
         if _version_tuple(version)[:2] < REDIS_MIN_VERSION:
             needed = ".".join(map(str, REDIS_MIN_VERSION))
