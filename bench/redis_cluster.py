@@ -51,6 +51,7 @@ TOPOLOGIES = ("single", "cluster-sharded", "cluster-classic")
 ROOM_PREFIX = "/sub/chat/room/"
 SUBSCRIBER_NODES = 2
 DRAIN_TIMEOUT_S = 120.0
+IDLE_SAMPLE_S = 3.0
 
 
 def _broker(url: str, node_id: str, sharded: bool, prefix: str) -> Any:
@@ -106,6 +107,8 @@ class TopologyResult:
     deliveries_per_s: float
     redis_cpu_s: dict[str, float] = field(default_factory=dict)
     redis_cpu_util: dict[str, float] = field(default_factory=dict)
+    redis_idle_cpu_s: dict[str, float] = field(default_factory=dict)
+    """What the same process burnt idle over the same length of time (cluster cron, replication pings)."""
     spublish_calls: dict[str, int] = field(default_factory=dict)
     publish_calls: dict[str, int] = field(default_factory=dict)
     expected_per_primary: dict[str, int] = field(default_factory=dict)
@@ -185,6 +188,10 @@ def run_topology(topology: str, args: argparse.Namespace) -> TopologyResult:
         links = dict(ready.get(timeout=60) for _ in procs)
         for server in servers.values():
             server.command("CONFIG", "RESETSTAT")
+        idle_before = {name: cpu_seconds(s.pid) or 0.0 for name, s in servers.items()}
+        time.sleep(IDLE_SAMPLE_S)
+        idle_rate = {name: ((cpu_seconds(s.pid) or 0.0) - idle_before[name]) / IDLE_SAMPLE_S
+                     for name, s in servers.items()}
         bus_before = {name: _info(s, "CLUSTER", "INFO") for name, s in servers.items()} if cluster else {}
         cpu_before = {name: cpu_seconds(s.pid) or 0.0 for name, s in servers.items()}
         start, sent = asyncio.run(_publish(url, sharded, prefix, rooms, args.rc_messages, args.rc_batch, payload))
@@ -200,6 +207,7 @@ def run_topology(topology: str, args: argparse.Namespace) -> TopologyResult:
             used = cpu_after[name] - cpu_before[name]
             result.redis_cpu_s[name] = round(used, 3)
             result.redis_cpu_util[name] = round(used / seconds, 3)
+            result.redis_idle_cpu_s[name] = round(idle_rate[name] * seconds, 3)
             stats = _info(server, "INFO", "commandstats")
             result.spublish_calls[name] = _calls(stats, "spublish")
             result.publish_calls[name] = _calls(stats, "publish")
@@ -234,9 +242,11 @@ def run_topology(topology: str, args: argparse.Namespace) -> TopologyResult:
 
 
 def print_table(results: list[TopologyResult]) -> None:
-    print(f"{'topology':<16} {'pub/s':>8} {'deliv/s':>9} {'deliveries':>11}  Redis CPU s (share of run)")
+    print(f"{'topology':<16} {'pub/s':>8} {'deliv/s':>9} {'deliveries':>11}  "
+          "Redis CPU s (share of run) [idle CPU over the same time]")
     for r in results:
-        cpu = ", ".join(f"{k} {v:.2f} ({r.redis_cpu_util[k]:.0%})" for k, v in r.redis_cpu_s.items())
+        cpu = ", ".join(f"{k} {v:.2f} ({r.redis_cpu_util[k]:.0%}) [{r.redis_idle_cpu_s[k]:.2f}]"
+                        for k, v in r.redis_cpu_s.items())
         print(f"{r.topology:<16} {r.publications_per_s:>8} {r.deliveries_per_s:>9} {r.deliveries:>11}  {cpu}")
         if r.spublish_calls and r.topology != "single":
             print(f"{'':<16} SPUBLISH per node {r.spublish_calls}; expected per primary {r.expected_per_primary}")
