@@ -89,6 +89,8 @@ MAIN = "main"
 the connection (to any node) that carries classic channels and patterns."""
 REFRESH_MIN_S = 0.2
 """Shortest interval between two slot-map refreshes of a cluster (bounds a MOVED loop)."""
+DOWN_REFRESH_S = 1.0
+"""Slot-map refresh interval while a cluster primary's link is down (to find a promoted replica)."""
 
 
 def backoff_delays(first: float, maximum: float) -> Iterator[float]:
@@ -566,7 +568,12 @@ class RedisBroker:
         """Reads the cluster's slot map whenever a link saw a sign that it changed, and re-places."""
         delays = backoff_delays(self.reconnect_min_s, self.reconnect_max_s)
         while True:
-            await self._topology_dirty.wait()
+            # While a primary's link is down, poll the map too: its replica may be promoted long before
+            # the link's next (backed-off) reconnect attempt would mark the map dirty.
+            any_down = any(shard.down for key, shard in self._shards.items() if key != MAIN)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DOWN_REFRESH_S if any_down else None):
+                    await self._topology_dirty.wait()
             self._topology_dirty.clear()
             client = self._client
             if not isinstance(client, RedisCluster):
@@ -621,7 +628,7 @@ class RedisBroker:
                     shard.link = None
                     shard.connected_to = ""
                 shard.down = True
-                if self._started:
+                if self._started and self._shards.get(shard.key) is shard:
                     self._gap_subs |= shard.subs  # anything published meanwhile is gone
                     if self.cluster:
                         self._topology_dirty.set()  # a failover may have moved the slots

@@ -169,3 +169,31 @@ async def test_classic_mode_on_a_cluster_uses_one_link_and_broadcast_publish(nod
     assert set(broker(b).links()) == {MAIN}
     await a.broker.publish(Publication(destination, chat(room_id, "x")))
     await b.wait_for(lambda: b.bodies(destination) == [chat(room_id, "x")], "the broadcast publication")
+
+
+async def test_failover_moves_subscriptions_to_the_promoted_replica_with_a_gap(nodes: Nodes) -> None:
+    """Last in the module: it kills a primary (SIGKILL, then CLUSTER FAILOVER FORCE on its replica)."""
+    primaries = nodes.cluster.primaries()
+    victim = next(p for p in primaries if _has_replica(nodes.cluster, p))
+    node = await nodes.node()
+    broker(node).reconnect_max_s = 5.0
+    moving_id, moving = nodes.room_on(victim)
+    staying_id, staying = nodes.room_on(next(p for p in primaries if p is not victim))
+    await node.broker.subscribe(moving)
+    await node.broker.subscribe(staying)
+    promoted = nodes.cluster.fail_over(victim)
+    await node.wait_for(lambda: node.gaps == [frozenset({moving})] and node.broker.healthy,
+                        "the gap for the moved room and healthy again", deadline_s=60)
+    assert broker(node).links().get(f"127.0.0.1:{promoted.port}")
+    await node.broker.publish(Publication(moving, chat(moving_id, "after")))
+    await node.broker.publish(Publication(staying, chat(staying_id, "still")))
+    await node.wait_for(lambda: node.bodies(moving) == [chat(moving_id, "after")]
+                        and node.bodies(staying) == [chat(staying_id, "still")], "traffic on both rooms")
+
+
+def _has_replica(cluster: RedisClusterProcesses, primary: RedisServer) -> bool:
+    try:
+        cluster.replica_of(primary)
+    except Exception:
+        return False
+    return True
