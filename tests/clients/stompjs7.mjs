@@ -14,6 +14,12 @@
 //   connect     only connects; reports the CONNECTED headers and the chosen subprotocol.
 //   room        the real chat domain: A subscribes to /sub/chat/room/<room>, B SENDs a TALK to
 //               /pub/chat/message; reports every payload A got until that TALK arrived.
+//   resume      one subscriber to /sub/chat/room/<room> that survives its node's death: it tracks the
+//               x-seq header of every MESSAGE; the Client reconnects (to the next of args.urls) and
+//               re-subscribes with x-resume-after:<last x-seq seen>, after waiting until the room's
+//               lastSeq (GET args.httpUrl/chat/room/<room>) is args.minGap past it. Events:
+//               subscribed, received (args.killAfter messages), resumed {after, url}; ends at the
+//               TALK whose text is args.doneText and reports every MESSAGE received.
 import { Client } from '@stomp/stompjs';
 import { args, finish, fail, sleep, waitFor, WebSocket, headersOf, emit } from './lib.mjs';
 
@@ -210,6 +216,61 @@ const scenarios = {
     const stillConnected = a.connected && closed === null;
     await a.deactivate();
     return { heartBeatHeader: frame.headers['heart-beat'], serverBeats, pings, lost, stillConnected };
+  },
+
+  async resume() {
+    const room = args.room;
+    const received = [];
+    const subscribeHeaders = [];
+    let lastSeq = null;       // the highest x-seq received so far, over every connection
+    let sockets = 0;
+    let url = null;
+    let done = false;
+    const client = makeClient({
+      reconnectDelay: 200,
+      webSocketFactory: () => {
+        url = args.urls[Math.min(sockets, args.urls.length - 1)];
+        sockets += 1;
+        return new WebSocket(url, ['v12.stomp', 'v11.stomp', 'v10.stomp']);
+      },
+      beforeConnect: async () => {
+        if (lastSeq === null) return;
+        // Let the room move on while this client is away, so that the resume has work to do.
+        const end = Date.now() + 60000;
+        while ((await roomHead()) < lastSeq + args.minGap) {
+          if (Date.now() > end) fail(new Error('the room did not move on while the client was away'));
+          await sleep(20);
+        }
+      },
+    });
+    async function roomHead() {
+      const response = await fetch(`${args.httpUrl}/chat/room/${encodeURIComponent(room)}`);
+      return (await response.json()).lastSeq;
+    }
+    client.onStompError = (frame) => fail(new Error(`STOMP ERROR ${frame.headers.message}`));
+    client.onConnect = () => {
+      // This is all a client needs to resume: the last x-seq it saw, as a SUBSCRIBE header.
+      const resumeAfter = lastSeq;
+      const headers = { receipt: `sub-${sockets}` };
+      if (resumeAfter !== null) headers['x-resume-after'] = String(resumeAfter);
+      subscribeHeaders.push({ ...headers });
+      client.watchForReceipt(headers.receipt, () => {
+        emit(resumeAfter === null ? { event: 'subscribed', url } : { event: 'resumed', after: resumeAfter, url });
+      });
+      client.subscribe(`/sub/chat/room/${room}`, (m) => {
+        const body = JSON.parse(m.body);
+        const xseq = Number(m.headers['x-seq']);
+        received.push({ xseq, seq: body.seq, id: body.id, clientMsgId: body.clientMsgId ?? null,
+          message: body.message });
+        lastSeq = lastSeq === null ? xseq : Math.max(lastSeq, xseq);
+        if (received.length === args.killAfter) emit({ event: 'received', count: received.length, lastSeq });
+        if (body.message === args.doneText) done = true;
+      }, headers);
+    };
+    client.activate();
+    await waitFor(() => done, 'the last message', (args.timeoutMs || 20000) - 1000);
+    await client.deactivate();
+    return { received, subscribeHeaders, sockets };
   },
 
   async error() {
