@@ -57,11 +57,13 @@ run: install node-deps
 test: install-test node-deps system-deps
 	$(BIN)/ruff check gateway tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install-test
 	$(BIN)/ruff check gateway tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: install-test node-deps
 	$(BIN)/pip install -q -e '.[test,bench]'
