@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -101,11 +103,7 @@ class RedisClusterProcesses:
         if cli is None:
             raise RedisServerMissing("redis-cli is not installed; `make test` installs it (apt: redis-tools)")
         for _ in range(self.primary_count * 2):
-            server = RedisServer(extra_args=(
-                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(self.node_timeout_ms)))
-            server.start()
-            self.servers.append(server)
+            self.servers.append(self._start_node())
         addresses = [f"{HOST}:{s.port}" for s in self.servers]
         result = subprocess.run([cli, "--cluster", "create", *addresses, "--cluster-replicas", "1",
                                  "--cluster-yes"], capture_output=True, text=True, timeout=120)
@@ -124,6 +122,22 @@ class RedisClusterProcesses:
         primary_ids = {n.node_id for n in self.nodes() if "master" in n.flags and n.slots}
         return all({n.master_id for n in self.nodes(via) if "slave" in n.flags} >= primary_ids
                    for via in self.running)
+
+    def _start_node(self) -> RedisServer:
+        """A cluster-enabled redis-server on a port whose cluster-bus port (port + 10000) is free too
+        (Redis refuses ports above 55535; the kernel's free ports are often higher)."""
+        last: Exception | None = None
+        for _ in range(20):
+            port = _cluster_port()
+            server = RedisServer(port, extra_args=(
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(self.node_timeout_ms)))
+            try:
+                return server.start()
+            except RedisServerError as exc:  # taken meanwhile
+                server.close()
+                last = exc
+        raise RedisServerError(f"no cluster node could start: {last}")
 
     def close(self) -> None:
         for server in self.servers:
@@ -249,6 +263,24 @@ class RedisClusterProcesses:
             if sep:
                 out[key] = value.strip()
         return out
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _cluster_port() -> int:
+    """A free port in 20000..45535 whose +10000 bus port is free as well."""
+    for _ in range(1000):
+        port = random.randint(20000, 45535)
+        if _port_free(port) and _port_free(port + 10000):
+            return port
+    raise RedisServerError("no free port pair for a cluster node")
 
 
 def _info(server: RedisServer, *command: str) -> bytes:
