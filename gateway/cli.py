@@ -127,8 +127,9 @@ def serve(settings: Settings, overrides: dict[str, str | None]) -> int:
     if settings.workers > 1:
         uvicorn.run("gateway.app:app_from_env", factory=True, workers=settings.workers, **config_kwargs)
         return 0
-    from gateway.app import create_app
+    from gateway.app import create_app, tune_gc
     app = create_app(settings)
+    tune_gc(settings.gc_gen0_threshold)
     config = uvicorn.Config(app, **config_kwargs)
     server = DrainingServer(config)
     server.run()
