@@ -21,8 +21,9 @@ from gateway.broker.base import Publication
 from gateway.broker.channels import SpringChannelMapper
 from gateway.broker.redis import MAIN, RedisBroker
 from gateway.chat.payload import peek_seq
-from tests.broker.conftest import Node, eventually
+from tests.broker.conftest import Node
 from tests.broker.test_redis_faults import chat, client_list
+from tests.support.polling import eventually
 from tests.support.redis_cluster import RedisClusterProcesses
 from tests.support.redis_server import RedisServer, RedisServerMissing
 
@@ -183,7 +184,7 @@ async def test_failover_moves_subscriptions_to_the_promoted_replica_with_a_gap(n
     await node.broker.subscribe(staying)
     promoted = nodes.cluster.fail_over(victim)
     await node.wait_for(lambda: node.gaps == [frozenset({moving})] and node.broker.healthy,
-                        "the gap for the moved room and healthy again", deadline_s=60)
+                        "the gap for the moved room and healthy again", timeout_s=60)
     assert broker(node).links().get(f"127.0.0.1:{promoted.port}")
     await node.broker.publish(Publication(moving, chat(moving_id, "after")))
     await node.broker.publish(Publication(staying, chat(staying_id, "still")))
