@@ -3,8 +3,14 @@
  *
  * - Connects with SockJS + @stomp/stompjs to /ws-stomp and subscribes to /sub/chat/room/{roomId}; the
  *   server announces ENTER/QUIT. Reconnects with exponential back-off (0.5 s doubling to 10 s, plus
- *   jitter); after every (re)connect it re-subscribes and, once the SUBSCRIBE's RECEIPT confirms the
- *   subscription, fetches what it missed from GET /chat/room/{roomId}/messages?after=<last seq shown>.
+ *   jitter) and re-subscribes:
+ *   - on a reconnect, when it has shown a seq, with the header `x-resume-after:<last seq shown>`: the
+ *     server first sends every message of the room after that seq, then live ones (no REST call);
+ *   - if the server refuses the resume (an ERROR for that SUBSCRIBE, e.g. "more than N messages
+ *     behind"; the server then closes the session), the page loads what it missed from the history
+ *     and its next connection subscribes without the header;
+ *   - otherwise (first connection, or after a refused resume), once the SUBSCRIBE's RECEIPT confirms
+ *     the subscription, it fetches what it missed from GET /chat/room/{roomId}/messages?after=<last seq shown>.
  * - Messages carry a per-room `seq`. The page shows them strictly in seq order and exactly once:
  *   duplicates (same seq) are dropped, and a message arriving after a gap waits until the gap is
  *   filled from the history endpoint. Messages without a seq (published by a Spring node) are shown
@@ -55,6 +61,9 @@
   let client = null;
   let subscription = null;
   let connects = 0;
+  let subscribedOnce = false;        // a SUBSCRIBE was confirmed before: the next one is a reconnect
+  let resumeReceipt = null;          // receipt id of the SUBSCRIBE in flight that carries x-resume-after
+  let resumeRefused = false;         // the server refused that resume: catch up over REST instead
 
   // --- status ------------------------------------------------------------------------------------
 
@@ -346,15 +355,27 @@
         c.connectHeaders = await identity.connectHeaders();
       },
       onConnect: () => {
-        // Catch up only once the server confirms the subscription: from then on every new message
-        // is delivered live, and everything before it is in the history.
         const receipt = 'sub-' + connects;
+        const headers = {receipt: receipt};
+        // A reconnect resumes after the last seq shown: the server sends what was missed, then
+        // live messages, in order. Duplicates are dropped by seq in accept().
+        const resume = subscribedOnce && lastSeq > 0 && !resumeRefused;
+        if (resume) {
+          headers['x-resume-after'] = String(lastSeq);
+        }
+        resumeReceipt = resume ? receipt : null;
+        resumeRefused = false;
         client.watchForReceipt(receipt, () => {
+          subscribedOnce = true;
           setState('connected', 'connected');
           notify('');
-          catchUp();
+          if (!resume) {
+            // Catch up only once the server confirms the subscription: from then on every new
+            // message is delivered live, and everything before it is in the history.
+            catchUp();
+          }
         });
-        subscription = client.subscribe('/sub/chat/room/' + roomId, onMessage, {receipt: receipt});
+        subscription = client.subscribe('/sub/chat/room/' + roomId, onMessage, headers);
         for (const id of outbox.keys()) {
           transmit(id);
         }
@@ -362,6 +383,16 @@
       onStompError: (frame) => {
         const message = frame.headers.message || 'error';
         const failedReceipt = frame.headers['receipt-id'];
+        if (resumeReceipt !== null && (failedReceipt === resumeReceipt || /x-resume-after|messages behind/.test(message))) {
+          // The server cannot resume this subscription (the page was away too long, or the
+          // database is down) and closes the session: load the history now, and subscribe without
+          // x-resume-after on the next connection (which catches up again after its RECEIPT).
+          resumeReceipt = null;
+          resumeRefused = true;
+          setState('reconnecting', 'catching up…');
+          catchUp();
+          return;
+        }
         if (failedReceipt) {
           for (const [id, entry] of outbox) {
             if (entry.receipt === failedReceipt) {
@@ -380,6 +411,7 @@
       },
       onWebSocketClose: () => {
         subscription = null;
+        resumeReceipt = null;
         if (client.active) {
           setState('reconnecting', 'reconnecting…');
         }

@@ -6,15 +6,16 @@
   browser: ``playwright install`` is not used anywhere.
 - :class:`ChatPage` wraps one tab on the chat page with the few actions and reads the tests need.
 
-Missing chromium/nginx/redis-server skip these tests on a developer machine and fail them in CI
-(``make test`` installs all three).
+Missing Playwright/chromium/nginx/redis-server skip these tests on a developer machine and fail them
+in CI (``make test`` installs all four; :func:`tests.support.ci.skip_or_fail`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,17 @@ import pytest
 import redis
 
 from deploy.local_cluster import ClusterError, LocalCluster, find_executable
+from tests.support.ci import skip_or_fail
+from tests.support.polling import eventually_sync
 
-pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
-from playwright.sync_api import Error as PlaywrightError
+# A missing Playwright must not silently skip the whole browser suite (as a module-level
+# importorskip would): the ``playwright`` fixture, which every browser test uses, skips or fails.
+PLAYWRIGHT_MISSING: str | None = None
+try:
+    from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
+    from playwright.sync_api import Error as PlaywrightError
+except ImportError as exc:
+    PLAYWRIGHT_MISSING = f"Playwright is not installed ({exc}); pip install -e '.[test]'"
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -39,27 +47,21 @@ TIMEOUT_S = 20.0
 
 
 def _missing(what: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{what}; CI must run the browser tests (make test installs it)", pytrace=False)
-    pytest.skip(what)
+    skip_or_fail(what, tests="the browser tests")
 
 
 def wait_for(predicate: Callable[[], Any], what: str, timeout_s: float = TIMEOUT_S, interval_s: float = 0.1) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
+    """:func:`~tests.support.polling.eventually_sync` with the browser tests' defaults: a longer
+    deadline, and a 0.1 s interval since every poll is a round trip to Chromium."""
+    return eventually_sync(predicate, what, timeout_s=timeout_s, interval_s=interval_s)
 
 
 # Module scope, not session: sync Playwright runs an asyncio loop in this thread while it is alive,
 # which would break later tests that need no running loop (or start their own).
 @pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
+    if PLAYWRIGHT_MISSING is not None:
+        _missing(PLAYWRIGHT_MISSING)
     if not os.access(CHROMIUM, os.X_OK):
         _missing(f"{CHROMIUM} is not installed (apt-get install chromium)")
     with sync_playwright() as pw:
@@ -85,6 +87,24 @@ def cluster() -> Iterator[LocalCluster]:
     # presence_ttl_s short so that counts heal quickly after a node is killed.
     cluster = LocalCluster(nodes_count=2, gateway_args=["--presence-ttl-s", "6", "--log-level", "info"],
                            inherit_gateway_env=False)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@contextlib.contextmanager
+def cluster_with(gateway_args: list[str]) -> Iterator[LocalCluster]:
+    """Like the ``cluster`` fixture, with extra ``chat-gateway serve`` flags for both nodes (for a
+    module that needs other settings, e.g. a small ``--resume-max-messages``)."""
+    for tool in ("nginx", "redis-server"):
+        try:
+            find_executable(tool)
+        except ClusterError as exc:
+            _missing(str(exc))
+    cluster = LocalCluster(nodes_count=2, gateway_args=["--presence-ttl-s", "6", "--log-level", "info",
+                                                        *gateway_args], inherit_gateway_env=False)
     cluster.start()
     try:
         yield cluster
@@ -201,3 +221,78 @@ class ChatPage:
         """Wait until every text in ``expected`` is shown (then the caller checks exactly-once)."""
         wait_for(lambda: all(t in self.texts() for t in expected), f"messages {expected!r}", timeout_s)
 
+
+
+# --- the page's STOMP traffic ----------------------------------------------------------------------
+
+@dataclass
+class StompFrame:
+    direction: str              # "sent" (page -> server) or "received"
+    command: str
+    headers: dict[str, str]
+
+
+def _unescape(value: str) -> str:
+    """STOMP 1.1/1.2 header unescaping (\\c, \\n, \\r, \\\\)."""
+    out: list[str] = []
+    i = 0
+    while i < len(value):
+        if value[i] == "\\" and i + 1 < len(value):
+            out.append({"c": ":", "n": "\n", "r": "\r", "\\": "\\"}.get(value[i + 1], value[i + 1]))
+            i += 2
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
+
+
+def _stomp_frames(payload: str | bytes) -> list[tuple[str, dict[str, str]]]:
+    """STOMP frames in one WebSocket message: raw (``/ws-stomp/websocket``) or SockJS-framed
+    (``["..."]`` sent, ``a["..."]`` received; ``o``/``h``/``c[...]`` carry no STOMP)."""
+    text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
+    if text.startswith("a["):
+        chunks = json.loads(text[1:])
+    elif text.startswith("["):
+        chunks = json.loads(text)
+    elif text[:1] in ("o", "h", "c"):
+        return []
+    else:
+        chunks = [text]
+    frames = []
+    for chunk in chunks:
+        for raw in str(chunk).split("\x00"):
+            raw = raw.lstrip("\r\n")
+            if not raw:
+                continue
+            head = raw.split("\n\n", 1)[0].split("\n")
+            headers: dict[str, str] = {}
+            for line in head[1:]:
+                key, _, value = line.rstrip("\r").partition(":")
+                headers.setdefault(_unescape(key), _unescape(value))   # STOMP: the first occurrence wins
+            frames.append((head[0].rstrip("\r"), headers))
+    return frames
+
+
+class StompRecorder:
+    """Every STOMP frame a page sends and receives over WebSockets opened after :meth:`attach`
+    (through Playwright's ``websocket`` framesent/framereceived events)."""
+
+    def __init__(self) -> None:
+        self.frames: list[StompFrame] = []
+
+    def attach(self, page: Page) -> StompRecorder:
+        page.on("websocket", self._socket)
+        return self
+
+    def _socket(self, socket: Any) -> None:
+        socket.on("framesent", lambda payload: self._record("sent", payload))
+        socket.on("framereceived", lambda payload: self._record("received", payload))
+
+    def _record(self, direction: str, payload: str | bytes) -> None:
+        self.frames.extend(StompFrame(direction, command, headers) for command, headers in _stomp_frames(payload))
+
+    def sent(self, command: str) -> list[StompFrame]:
+        return [f for f in self.frames if f.direction == "sent" and f.command == command]
+
+    def received(self, command: str) -> list[StompFrame]:
+        return [f for f in self.frames if f.direction == "received" and f.command == command]

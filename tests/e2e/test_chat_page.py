@@ -17,7 +17,7 @@ import pytest
 from playwright.sync_api import BrowserContext, WebSocket
 
 from deploy.local_cluster import LocalCluster
-from tests.e2e.conftest import ChatPage, db_messages, presence, wait_for
+from tests.e2e.conftest import ChatPage, StompRecorder, db_messages, presence, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.cluster, pytest.mark.redis]
 
@@ -237,6 +237,13 @@ def test_killed_node_page_reconnects_to_the_other_node_without_gaps(
 
     # Keep alice offline after the crash until bob has talked: her reconnects fail at SockJS's /info.
     alice.page.route("**/ws-stomp/info**", lambda route: route.abort())
+    # What alice's page does from here on: its STOMP frames, and any history (REST) request.
+    stomp = StompRecorder().attach(alice.page)
+    history_requests: list[str] = []
+    alice.page.on("request", lambda request: history_requests.append(request.url)
+                  if "/messages?" in request.url else None)
+    shown_before = int(alice.page.evaluate("window.chatRoom.lastSeq"))
+    assert shown_before >= 1
     killed = cluster.nodes.index(cluster.node_by_id(alice_node))
     cluster.kill_node(killed)
     try:
@@ -262,6 +269,17 @@ def test_killed_node_page_reconnects_to_the_other_node_without_gaps(
         rows = db_messages(cluster, room_id)
         stored = Counter(message for _, kind, _, message in rows if kind == "TALK")
         assert all(stored[text] == 1 for text in texts), stored
+        # Every stored message of the room, and only those, once each, in seq order.
+        assert [(m["seq"], m["text"]) for m in alice.messages()] == [(seq, text) for seq, _, _, text in rows]
+
+        # The reconnect resumed: its SUBSCRIBE carried x-resume-after:<last seq shown before the
+        # crash>, the server replayed what alice missed, and the page fetched no history over REST.
+        (resumed,) = stomp.sent("SUBSCRIBE")
+        assert resumed.headers.get("x-resume-after") == str(shown_before), resumed
+        replayed = [int(f.headers["x-seq"]) for f in stomp.received("MESSAGE")]
+        assert replayed[:len(during)] == [seq for seq, _, _, text in rows if text in during], replayed
+        assert history_requests == []
+        assert stomp.received("ERROR") == []
     finally:
         cluster.start_node(killed)
 
