@@ -110,6 +110,7 @@ class CurvePlan:
     ceiling_batches: tuple[int, ...]
     profile_rate: float               # offered messages/s of the profiled 500 x 2 SQLite step
     profile_s: float
+    retry_failed: bool = True         # repeat a failing ladder step once (shared machine)
 
 
 LADDER_500 = (50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 500.0, 650.0, 800.0, 1000.0, 1250.0, 1600.0, 2000.0,
@@ -124,7 +125,7 @@ FULL = CurvePlan(
 QUICK = CurvePlan(
     shapes=(Shape("500x2", 500, 2, 50, LADDER_500[::2]), Shape("10x100", 10, 100, 50, LADDER_10[::2])),
     step_s=2.0, drain_s=3.0, fails_past_knee=1, window_s=2.0, ceiling_s=1.0,
-    ceiling_batches=(1, 32), profile_rate=800.0, profile_s=4.0)
+    ceiling_batches=(1, 32), profile_rate=800.0, profile_s=4.0, retry_failed=False)
 
 
 # --- one system under test ------------------------------------------------------------------------
@@ -347,11 +348,11 @@ class Rig:
         last_at_drain = st.last_ns
         cpu = meter.stop(st.delivered)
         # settle: let late deliveries in (so the next step starts clean), then count the rows
-        settle_until = time.monotonic() + 15.0
+        settle_until = time.monotonic() + 20.0
         previous = -1
         while previous != st.delivered and time.monotonic() < settle_until:
             previous = st.delivered
-            await asyncio.sleep(0.4)
+            await asyncio.sleep(1.0)
         self.step = None
         rows = None
         if self.target.count_rows is not None and count_rows_before is not None:
@@ -493,7 +494,7 @@ async def run_curve(rig: Rig, plan: CurvePlan, log: Callable[[str], None], first
     fails = 0
     ever_passed = False
 
-    async def step(rate: float, extra: str | None = None) -> dict[str, Any]:
+    async def step(rate: float, extra: str | None = None, retry: bool = False) -> dict[str, Any]:
         nonlocal number, rows_before
         number += 1
         result = await rig.run_step(number, rate, plan.step_s, plan.drain_s, rows_before)
@@ -501,6 +502,8 @@ async def run_curve(rig: Rig, plan: CurvePlan, log: Callable[[str], None], first
             rows_before += result["db_rows"]
         if extra:
             result["extra"] = extra
+        if retry:
+            result["retry"] = True
         steps.append(result)
         log(_step_line(rig.target.system, rig.shape.name, result))
         await asyncio.sleep(0.5)
@@ -517,6 +520,11 @@ async def run_curve(rig: Rig, plan: CurvePlan, log: Callable[[str], None], first
         if rig.failure:
             break
         result = await step(rate)
+        if not result["passed"] and plan.retry_failed and not rig.failure:
+            # The machine is shared: one attempt can land on another engineer's test burst. A
+            # failing step is repeated once (for every system alike); it passes if either attempt does.
+            result["retried"] = True
+            result = await step(rate, extra=None, retry=True)
         if result["passed"]:
             ever_passed = True
             fails = 0
@@ -539,7 +547,7 @@ def curve_summary(steps: Sequence[dict[str, Any]]) -> dict[str, Any]:
                            "rows_ok": all(s.get("rows_ok") is not False for s in steps)}
     if knee is None:
         return out
-    by_rate = {s["offered_msgs_per_s"]: s for s in steps}
+    by_rate = {s["offered_msgs_per_s"]: s for s in steps if not s.get("retried")}
 
     def near(rate: float) -> dict[str, Any] | None:
         best = min(by_rate, key=lambda r: abs(r - rate))
@@ -645,8 +653,8 @@ class Profiler:
             self.error = "py-spy is not installed"
             return
         self.process = subprocess.Popen(
-            [pyspy, "record", "--pid", str(self.pid), "--duration", str(int(self.seconds)), "--rate", "100",
-             "--format", "raw", "--threads", "--output", str(self.out)],
+            [pyspy, "record", "--pid", str(self.pid), "--duration", str(int(self.seconds)), "--rate", "250",
+             "--format", "raw", "--threads", "--gil", "--output", str(self.out)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def finish(self) -> dict[str, Any]:
@@ -663,7 +671,11 @@ class Profiler:
 
 
 _OUTER = ("<frozen runpy>", "gateway/cli.py", "uvicorn/server.py:Server.run", "uvicorn/_compat.py",
-          "asyncio/runners.py", "threading.py:Thread._bootstrap", "threading.py:Thread.run")
+          "asyncio/runners.py", "threading.py:Thread._bootstrap", "threading.py:Thread.run",
+          # pass-through ASGI wrappers around every WebSocket session's coroutine
+          "starlette/middleware/", "uvicorn/middleware/", "starlette/routing.py", "starlette/_exception_handler.py",
+          "starlette/applications.py", "uvicorn/protocols/websockets/websockets_sansio_impl.py:WebSocketsSansIOProtocol.run_asgi",
+          "gateway/app.py:create_app.<locals>.websocket_endpoint")
 NATIVE_LOOP = "asyncio/runners.py:Runner.run"
 """A sample whose innermost Python frame is Runner.run is in uvloop's C code (socket reads and writes,
 callback dispatch) or waiting for the GIL."""
@@ -684,7 +696,7 @@ def _short(frame: str) -> str:
     return f"{path}:{match.group('func')}"
 
 
-def summarize_profile(raw: str, top: int = 15) -> dict[str, Any]:
+def summarize_profile(raw: str, top: int = 30) -> dict[str, Any]:
     """Self and total sample shares per function, per thread group, from py-spy's raw output."""
     threads: dict[str, int] = {}
     self_counts: dict[str, int] = {}
@@ -975,27 +987,32 @@ def markdown(report: dict[str, Any]) -> str:
     for key, w in report["window64"].items():
         lines.append(f"| {key} | {_fmt(w.get('sends_per_s_with_receipts'))} | {_fmt(w.get('receipt_p50_ms'), 1)} / "
                      f"{_fmt(w.get('receipt_p99_ms'), 1)} |" + (f" FAILURE: {w['failure']}" if w.get("failure") else ""))
-    lines += ["", "The curves (every step; offered and achieved in messages/s, deliveries = messages × subscribers "
-              "per room; p99 from the write / from the schedule; lag = how far the publishers fell behind):", ""]
+    lines += ["", "<details><summary>The curves: every step (offered and achieved in messages/s; deliveries = "
+              "messages × subscribers per room; p99 from the write / from the schedule; lag = how far the "
+              "publishers fell behind; CPU in cores; a failing step is followed by its retry)</summary>", ""]
     lines += ["| curve | offered | achieved | undelivered % | p50 ms | p99 ms | p99 from schedule ms | lag p99 ms "
               "| server CPU | generator CPU | other CPU | rows = sent | pass |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, c in curves.items():
         for s in sorted(c.get("steps", []), key=lambda s: s["offered_msgs_per_s"]):
             lines.append(
-                f"| {key}{' (' + s['extra'] + ')' if s.get('extra') else ''} | {_fmt(s['offered_msgs_per_s'])} | "
+                f"| {key}{' (' + s['extra'] + ')' if s.get('extra') else ''}{' (retry)' if s.get('retry') else ''}"
+                f" | {_fmt(s['offered_msgs_per_s'])} | "
                 f"{_fmt(s['achieved_msgs_per_s'])} | {s['undelivered_pct']:.2f} | {_fmt(s['p50_ms'], 1)} | "
                 f"{_fmt(s['p99_ms'], 1)} | {_fmt(s['sched_p99_ms'], 1)} | {_fmt(s['lag_p99_ms'], 1)} | "
                 f"{_fmt(s['server_cpu_util'], 2)} | {_fmt(s['client_cpu_util'], 2)} | {_fmt(s['other_cpu_util'], 2)} | "
                 f"{'–' if s.get('rows_ok') is None else _fmt(s['rows_ok'])} | {'yes' if s['passed'] else 'no'} |")
+    lines += ["", "</details>"]
     profile = report.get("profile")
     if profile and profile.get("samples"):
         step = profile["step"]
-        lines += ["", f"Profile: py-spy, 100 Hz, {profile['seconds']:g} s of the gateway (1 node, SQLite) during a "
+        lines += ["", f"Profile: py-spy --gil, 250 Hz, {profile['seconds']:g} s of the gateway (1 node, SQLite) during a "
                   f"500 × 2 step offered {profile['rate']:,.0f} msg/s (achieved {step['achieved_msgs_per_s']:,.0f}, "
-                  f"p99 {step['p99_ms']} ms, server CPU {step['server_cpu_util']}). {profile['samples']} busy samples, "
-                  f"{profile['event_loop_samples']} on the event-loop thread; raw stacks: `{profile['raw_file']}`.", "",
+                  f"p99 {step['p99_ms']} ms, server CPU {step['server_cpu_util']} cores, "
+                  f"{_fmt(step.get('server_cpu_us_per_delivery'))} µs per delivery). {profile['samples']} samples "
+                  f"holding the GIL, {profile['event_loop_samples']} on the event-loop thread; raw stacks: "
+                  f"`{profile['raw_file']}`.", "",
                   "| event loop: self % | function | | event loop: total % | function |", "|---|---|---|---|---|"]
-        for (s_name, s_pct), (t_name, t_pct) in zip(profile["self_event_loop"][:12], profile["total_event_loop"][:12],
+        for (s_name, s_pct), (t_name, t_pct) in zip(profile["self_event_loop"][:15], profile["total_event_loop"][:15],
                                                     strict=False):
             lines.append(f"| {s_pct} | `{s_name}` | | {t_pct} | `{t_name}` |")
         lines += ["", "Threads (share of busy samples): " + ", ".join(
@@ -1022,7 +1039,7 @@ def plot(report: dict[str, Any], out: Path) -> None:
             c = curves.get(f"{system}/{shape}")
             if not c or not c.get("steps"):
                 continue
-            steps = sorted(c["steps"], key=lambda s: s["offered_msgs_per_s"])
+            steps = sorted((s for s in c["steps"] if not s.get("retried")), key=lambda s: s["offered_msgs_per_s"])
             xs = [s["offered_msgs_per_s"] for s in steps]
             top = max(top, *xs)
             rate_ax.plot(xs, [s["achieved_msgs_per_s"] for s in steps], marker=marker, color=color,
@@ -1113,7 +1130,10 @@ async def main_async(args: Any, tree: Path) -> int:
     except ImportError as exc:
         print(f"\nno plot: {exc}")
     if not args.quick and not args.no_docs:
-        print("docs/benchmarks.md block updated" if write_docs_block(text)
+        block = text
+        if png.resolve().parent == DOCS.resolve():
+            block = f"![Achieved rate and p99 against offered rate, {report['file']}]({png.name})\n\n{text}"
+        print("docs/benchmarks.md block updated" if write_docs_block(block)
               else "docs/benchmarks.md has no generated block; not updated")
     print(f"results: {out} ({report['duration_s']} s)")
     failures = [f"{k}: {c['failure']}" for k, c in report["curves"].items() if c.get("failure")]
