@@ -138,7 +138,31 @@ class Settings:
         65536, "Frames already queued for a session are sent together in one WebSocket/SockJS message up "
         "to this size (0 = one frame per message, as Spring does).")
     outbound_send_timeout_s: float = _setting(10.0, "Seconds one socket send may block before close (4500).")
-    max_sessions_per_user: int = _setting(0, "Most concurrent sessions per user name (0 = unlimited).")
+    max_sessions_per_user: int = _setting(
+        20, "Most concurrent STOMP sessions per user name, cluster-wide when redis_url is set, else on this "
+        "node (0 = unlimited). Anonymous sessions without a login are not counted.")
+    max_transaction_bytes: int = _setting(
+        1048576, "Most bytes of frames one session may hold buffered in its open transactions.")
+
+    # --- abuse limits ----------------------------------------------------------------------------
+    send_rate_per_s: float = _setting(
+        50.0, "SENDs per second one user may make (token bucket refill), cluster-wide when redis_url is "
+        "set; anonymous sessions get a bucket each (0 = unlimited).")
+    send_burst: int = _setting(500, "SENDs one user may make at once before send_rate_per_s applies (bucket size).")
+    send_rate_close_after: int = _setting(
+        100, "Refused SENDs (about this many within 10 s) after which a session is closed (0 = never close).")
+    rate_limit_sync_s: float = _setting(
+        0.1, "Seconds between a node's batched exchanges with Redis of what its users spent (one call for "
+        "all users; no Redis call per message).")
+    max_connections_per_ip: int = _setting(
+        1000, "Most STOMP sessions from one client address on this node (0 = unlimited).")
+    sockjs_max_sessions: int = _setting(10000, "Most SockJS sessions on this node (0 = unlimited).")
+    http_request_timeout_s: float = _setting(
+        10.0, "Seconds a client connection has to send a complete HTTP request (headers and body) "
+        "before it is closed.")
+    max_http_connections: int = _setting(
+        0, "Most open client connections on this node; more are closed on accept with one warning line "
+        "(0 = derived from the file-descriptor limit: soft limit minus max(128, 10 %)).")
 
     # --- authentication --------------------------------------------------------------------------
     auth: str = _setting("anonymous", "Authenticator: anonymous, users or jwt.")
@@ -192,12 +216,15 @@ class Settings:
                          "outbound_max_bytes", "max_message_chars", "max_room_name_chars",
                          "history_max_limit", "commit_batch_max", "sockjs_streaming_limit_bytes",
                          "sockjs_max_cached_messages", "sockjs_max_send_bytes", "workers", "presence_ttl_s",
-                         "redis_pool_size", "send_window", "max_pending_sends", "resume_max_messages")
+                         "redis_pool_size", "send_window", "max_pending_sends", "resume_max_messages",
+                         "max_transaction_bytes", "send_burst")
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1 (got {getattr(self, name)})")
         non_negative = ("heartbeat_send_min_ms", "heartbeat_receive_ms", "max_sessions_per_user",
-                        "outbound_batch_bytes", "gc_gen0_threshold")
+                        "outbound_batch_bytes", "gc_gen0_threshold", "send_rate_per_s",
+                        "send_rate_close_after", "max_connections_per_ip", "sockjs_max_sessions",
+                        "max_http_connections")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative (got {getattr(self, name)})")
@@ -205,7 +232,7 @@ class Settings:
                            "sockjs_disconnect_delay_s", "drain_timeout_s", "redis_reconnect_max_s",
                            "redis_timeout_s", "redis_health_check_s", "db_busy_timeout_s",
                            "presence_refresh_s", "room_head_check_s", "db_connect_timeout_s",
-                           "db_statement_timeout_s")
+                           "db_statement_timeout_s", "rate_limit_sync_s", "http_request_timeout_s")
         for name in positive_floats:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive (got {getattr(self, name)})")
