@@ -14,7 +14,6 @@ sent after the publications under test, since one publisher's publications arriv
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -26,6 +25,7 @@ from gateway.broker.channels import SpringChannelMapper
 from gateway.broker.memory import MemoryBroker
 from gateway.broker.redis import RedisBroker
 from gateway.chat.payload import peek_seq
+from tests.support.polling import eventually
 from tests.support.redis_server import RedisServer, RedisServerMissing
 
 BARRIER = "/sub/test/barrier"
@@ -55,16 +55,6 @@ def private_redis() -> Iterator[RedisServer]:
     server.close()
 
 
-async def eventually(condition: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``deadline_s``."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline_s
-    while not condition():
-        if loop.time() > end:
-            raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
-        await asyncio.sleep(0.005)
-
-
 class Node:
     """One broker (= one gateway node) and everything its callbacks received."""
 
@@ -92,8 +82,9 @@ class Node:
     def bodies(self, destination: str | None = None) -> list[bytes]:
         return [p.body for p in self.received if destination is None or p.destination == destination]
 
-    async def wait_for(self, condition: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
-        await eventually(condition, f"{what} on node {self.name}", deadline_s)
+    async def wait_for(self, condition: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S) -> None:
+        """:func:`~tests.support.polling.eventually`, naming this node in the failure."""
+        await eventually(condition, f"{what} on node {self.name}", timeout_s=timeout_s)
 
     async def wait_received(self, count: int) -> None:
         await self.wait_for(lambda: len(self.received) >= count, f"{count} publications")

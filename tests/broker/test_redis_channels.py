@@ -31,7 +31,7 @@ from gateway.broker.memory import MemoryBroker
 from gateway.broker.redis import RedisBroker
 from gateway.chat.payload import peek_seq
 from gateway.settings import load_settings
-from tests.broker.conftest import Bus, Node, eventually
+from tests.broker.conftest import Bus, Node
 from tests.support.redis_server import RedisServer
 
 ROOM = "/sub/chat/room/"
@@ -350,7 +350,3 @@ async def test_glob_matching_agrees_with_redis(private_redis: RedisServer) -> No
     finally:
         await client.aclose()
 
-
-async def test_eventually_reports_what_it_waited_for() -> None:
-    with pytest.raises(AssertionError, match="the impossible"):
-        await eventually(lambda: False, "the impossible", deadline_s=0.05)

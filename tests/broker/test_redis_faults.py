@@ -17,7 +17,8 @@ import pytest
 
 from gateway.broker.base import BrokerUnavailable, Publication
 from gateway.broker.redis import RedisBroker, backoff_delays
-from tests.broker.conftest import BARRIER, Bus, Node, eventually
+from tests.broker.conftest import BARRIER, Bus, Node
+from tests.support.polling import eventually
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis

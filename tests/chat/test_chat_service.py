@@ -20,6 +20,7 @@ from gateway.chat.migrations import upgrade
 from gateway.chat.repository import make_engine
 from gateway.settings import load_settings
 from tests.support.live_server import LiveServer
+from tests.support.polling import eventually
 from tests.support.stomp_wire import WsStompClient
 
 ROOM_PREFIX = "/sub/chat/room/"
@@ -257,4 +258,4 @@ async def test_the_node_forgets_a_room_when_its_last_local_subscriber_leaves(cha
     assert (await ws.next_frame()).command == "RECEIPT"
     assert sequencer.tracked() == {room}          # still one local subscription
     await ws.close()                               # the session ends without UNSUBSCRIBE
-    await chat_server.await_for(lambda: not sequencer.tracked(), what="room forgotten")
+    await eventually(lambda: not sequencer.tracked(), "the room to be forgotten")

@@ -13,19 +13,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.cluster.conftest import ROOM_PREFIX, chat_body, read_chat
+from tests.support.polling import eventually
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.cluster
-
-
-async def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if await predicate():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(interval)
 
 
 async def test_messages_sent_while_redis_is_down_arrive_after_it_returns(
@@ -100,7 +91,8 @@ async def test_user_counts_are_cluster_wide_and_heal_when_a_node_is_killed(
         assert listed == [{"roomId": room, "name": "room", "userCount": 3}]
 
     cluster.nodes[2].kill()     # bob's node dies without running its QUIT
-    await wait_for(lambda: count_is(2), timeout=20)   # presence_ttl_s=3 in the cluster fixture
+    # presence_ttl_s=3 in the cluster fixture
+    await eventually(lambda: count_is(2), "the dead node's presence to expire", timeout_s=20, interval_s=0.1)
     # Messages carry the sending node's cached count, refreshed every presence_refresh_s: within
     # that bound alice's messages show the healed count too.
     deadline = time.monotonic() + 20
@@ -114,7 +106,7 @@ async def test_user_counts_are_cluster_wide_and_heal_when_a_node_is_killed(
     await alice.send_frame("DISCONNECT", {"receipt": "bye"})
     quit_msg = await read_chat(watcher, 1)
     assert quit_msg[0]["type"] == "QUIT" and quit_msg[0]["userCount"] == 1
-    await wait_for(lambda: count_is(1))
+    await eventually(lambda: count_is(1), "alice's QUIT in the count", timeout_s=20, interval_s=0.1)
 
 
 @pytest.mark.parametrize("mode", ["room", "single"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +23,7 @@ import stomp
 import stomper
 
 from tests.support.live_server import LiveServer, live_server
+from tests.support.polling import eventually_sync
 from tests.support.stomp_wire import WsStompClient
 
 
@@ -75,14 +75,6 @@ class Recorder(stomp.ConnectionListener):  # type: ignore[misc]
             self.disconnected += 1
 
 
-def wait(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def open_stomp_py(server: LiveServer, *, heartbeats: tuple[int, int] = (0, 0), binary: bool = False,
                   login: str | None = None) -> tuple[stomp.WSConnection, Recorder]:
     conn = stomp.WSConnection([("127.0.0.1", server.port)], ws_path="/ws-stomp/websocket",
@@ -90,14 +82,14 @@ def open_stomp_py(server: LiveServer, *, heartbeats: tuple[int, int] = (0, 0), b
     recorder = Recorder()
     conn.set_listener("recorder", recorder)
     conn.connect(login, None, wait=True)
-    wait(lambda: bool(recorder.connected), "on_connected")   # stomp-py may return before listeners ran
+    eventually_sync(lambda: bool(recorder.connected), "on_connected")   # stomp-py may return before listeners ran
     return conn, recorder
 
 
 def receipt(conn: stomp.WSConnection, recorder: Recorder, rid: str, action: Callable[..., Any], *args: Any,
             **kwargs: Any) -> None:
     action(*args, receipt=rid, **kwargs)
-    wait(lambda: rid in recorder.receipts, f"receipt {rid}")
+    eventually_sync(lambda: rid in recorder.receipts, f"receipt {rid}")
 
 
 def test_stomp_py_connects_with_stomp_and_no_subprotocol(server: LiveServer) -> None:
@@ -119,7 +111,7 @@ def test_stomp_py_application_destination_reaches_another_sessions_subscription(
     receipt(reader, seen, "s3", reader.subscribe, "/sub/**", id="all")
     body = json.dumps({"type": "TALK", "roomId": "py-1", "sender": "py", "message": "héllo"})
     receipt(writer, written, "p1", writer.send, "/pub/chat/message", body, content_type="application/json")
-    wait(lambda: len(seen.messages) == 3, "three deliveries")
+    eventually_sync(lambda: len(seen.messages) == 3, "three deliveries")
     by_sub = {headers["subscription"]: (headers, text) for headers, text in seen.messages}
     assert set(by_sub) == {"exact", "pattern", "all"}
     for headers, text in by_sub.values():
@@ -136,14 +128,14 @@ def test_stomp_py_transaction_commit_and_abort(server: LiveServer) -> None:
     tx = conn.begin()
     conn.send("/pub/echo", "in-tx", headers={"x-to": "/sub/py-tx", "transaction": tx})
     receipt(conn, recorder, "marker-1", conn.send, "/pub/echo", "outside", headers={"x-to": "/sub/py-tx"})
-    wait(lambda: len(recorder.messages) == 1, "the message sent outside the transaction")
+    eventually_sync(lambda: len(recorder.messages) == 1, "the message sent outside the transaction")
     assert [m[1] for m in recorder.messages] == ["outside"]       # the transaction's SEND is held
     conn.commit(tx)
     tx2 = conn.begin()
     conn.send("/pub/echo", "aborted", headers={"x-to": "/sub/py-tx", "transaction": tx2})
     conn.abort(tx2)
     receipt(conn, recorder, "marker-2", conn.send, "/pub/echo", "end", headers={"x-to": "/sub/py-tx"})
-    wait(lambda: len(recorder.messages) == 3, "all messages")
+    eventually_sync(lambda: len(recorder.messages) == 3, "all messages")
     assert [m[1] for m in recorder.messages] == ["outside", "in-tx", "end"]
     conn.disconnect()
 
@@ -153,7 +145,7 @@ def test_stomp_py_client_individual_ack_and_nack(server: LiveServer) -> None:
     receipt(conn, recorder, "s", conn.subscribe, "/sub/py-ack", id="acks", ack="client-individual")
     for i in range(3):
         conn.send("/pub/echo", f"m{i}", headers={"x-to": "/sub/py-ack"})
-    wait(lambda: len(recorder.messages) == 3, "messages")
+    eventually_sync(lambda: len(recorder.messages) == 3, "messages")
     headers = [h for h, _ in recorder.messages]
     assert all(h["ack"] == h["message-id"] for h in headers)
     conn.ack(headers[1]["ack"])
@@ -161,9 +153,9 @@ def test_stomp_py_client_individual_ack_and_nack(server: LiveServer) -> None:
     receipt(conn, recorder, "r", conn.ack, headers[2]["ack"])
     assert recorder.errors == []
     conn.ack(headers[2]["ack"])                                   # twice: the server says no
-    wait(lambda: bool(recorder.errors), "ERROR")
+    eventually_sync(lambda: bool(recorder.errors), "ERROR")
     assert "already acknowledged" in recorder.errors[0]["message"]
-    wait(lambda: not conn.is_connected(), "close after ERROR")
+    eventually_sync(lambda: not conn.is_connected(), "close after ERROR")
 
 
 def test_stomp_py_binary_websocket_frames(server: LiveServer) -> None:
@@ -171,7 +163,7 @@ def test_stomp_py_binary_websocket_frames(server: LiveServer) -> None:
     receipt(conn, recorder, "s", conn.subscribe, "/sub/py-bin", id="0")
     receipt(conn, recorder, "p", conn.send, "/pub/echo", "sent in a binary WebSocket message",
             headers={"x-to": "/sub/py-bin"})
-    wait(lambda: len(recorder.messages) == 1, "message")
+    eventually_sync(lambda: len(recorder.messages) == 1, "message")
     assert recorder.messages[0][1] == "sent in a binary WebSocket message"
     conn.disconnect()
 
@@ -181,7 +173,7 @@ def test_stomp_py_heart_beats_both_ways(server: LiveServer) -> None:
     # for server beats every 500 ms: three of them take 1.5 s, longer than the server's patience.
     conn, recorder = open_stomp_py(server, heartbeats=(300, 500))
     assert recorder.connected[0]["heart-beat"] == "100,200"
-    wait(lambda: recorder.heartbeats >= 3, "server heart-beats")
+    eventually_sync(lambda: recorder.heartbeats >= 3, "server heart-beats")
     assert conn.is_connected() and recorder.heartbeat_timeouts == 0 and recorder.disconnected == 0
     receipt(conn, recorder, "alive", conn.send, "/pub/echo", "x", headers={"x-to": "/sub/none"})
     conn.disconnect()
@@ -190,10 +182,10 @@ def test_stomp_py_heart_beats_both_ways(server: LiveServer) -> None:
 def test_stomp_py_error_for_send_to_a_broker_destination(server: LiveServer) -> None:
     conn, recorder = open_stomp_py(server)
     conn.send("/sub/chat/room/1", "x", headers={"receipt": "bad"})
-    wait(lambda: bool(recorder.errors), "ERROR")
+    eventually_sync(lambda: bool(recorder.errors), "ERROR")
     assert recorder.errors[0]["receipt-id"] == "bad"
     assert "not allowed" in recorder.errors[0]["message"]
-    wait(lambda: recorder.disconnected > 0, "close after ERROR")
+    eventually_sync(lambda: recorder.disconnected > 0, "close after ERROR")
 
 
 # -- stomper ------------------------------------------------------------------------------------

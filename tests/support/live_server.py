@@ -33,6 +33,7 @@ from gateway.app import Gateway, create_app
 from gateway.broker.base import Publication
 from gateway.hub import InboundMessage, MessageRejected
 from gateway.settings import Settings, load_settings
+from tests.support.polling import eventually
 
 T = TypeVar("T")
 
@@ -129,21 +130,10 @@ class LiveServer:
         assert self.loop is not None
         return asyncio.run_coroutine_threadsafe(factory(), self.loop).result(timeout)
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-        """Poll ``predicate`` (read from the test thread) until true."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            time.sleep(0.01)
-
     async def await_for(self, predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-        """Like :meth:`wait_for`, from async test code."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            await asyncio.sleep(0.01)
+        """Deprecated: use :func:`tests.support.polling.eventually`. Kept for the callers that still
+        use it (tests/chat/test_pipelined_sends.py)."""
+        await eventually(predicate, what, timeout_s=timeout)
 
     @property
     def session_count(self) -> int:

@@ -308,15 +308,6 @@ async def live(start_live: Callable[..., Awaitable[Live]]) -> Live:
 # --- helpers ----------------------------------------------------------------------------------------
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    """Poll ``predicate`` until true; fail after ``timeout`` seconds (a generous deadline, not a timing check)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 class StreamReader:
     """Reads a streaming httpx response by delimiters, with a deadline per read."""
 

@@ -15,7 +15,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.transport.sockjs.registry import SessionRegistry
 from gateway.transport.sockjs.session import SLOW_CONSUMER_REASON, Receiver, SockJSSession
-from tests.transport.sockjs.conftest import FakeFactory, Live, eventually, make_settings, streaming
+from tests.support.polling import eventually
+from tests.transport.sockjs.conftest import FakeFactory, Live, make_settings, streaming
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 StartLive = Callable[..., Awaitable[Live]]
@@ -43,8 +44,8 @@ async def test_abandoned_session_is_reaped_once(start_live: StartLive) -> None:
     url, session_id = new_session()
     assert (await live.client.post(url + "/xhr")).content == b"o\n"
     connection = live.echo.factory.only()
-    await eventually(lambda: live.echo.registry.get(session_id) is None, what="session reaped")
-    await eventually(lambda: connection.lost_calls == 1, what="connection_lost")
+    await eventually(lambda: live.echo.registry.get(session_id) is None, "session reaped")
+    await eventually(lambda: connection.lost_calls == 1, "connection_lost")
     # The id is free again: a poll starts a new session with a new connection.
     assert (await live.client.post(url + "/xhr")).content == b"o\n"
     assert len(live.echo.factory.connections) == 2
@@ -58,8 +59,8 @@ async def test_session_created_without_any_poll_after_o_is_reaped(start_live: St
     live = await start_live(sockjs_disconnect_delay_s=0.2)
     for _ in range(3):
         await live.client.post(new_session()[0] + "/xhr")
-    await eventually(lambda: len(live.echo.registry) == 0, what="all sessions reaped")
-    await eventually(lambda: all(c.lost_calls == 1 for c in live.echo.factory.connections), what="lost")
+    await eventually(lambda: len(live.echo.registry) == 0, "all sessions reaped")
+    await eventually(lambda: all(c.lost_calls == 1 for c in live.echo.factory.connections), "lost")
 
 
 async def test_polling_keeps_the_session_alive(start_live: StartLive) -> None:
@@ -93,11 +94,11 @@ async def test_closed_session_is_remembered_for_the_delay_then_forgotten(start_l
     url, session_id = new_session("/close")
     assert (await live.client.post(url + "/xhr")).content == b"o\n"
     assert (await live.client.post(url + "/xhr")).content == b'c[3000,"Go away!"]\n'
-    await eventually(lambda: live.close.registry.get(session_id) is None, what="closed session forgotten")
+    await eventually(lambda: live.close.registry.get(session_id) is None, "closed session forgotten")
     assert (await live.client.post(url + "/xhr")).content == b"o\n"
     first, second = live.close.factory.connections
     assert first.lost_calls == 1
-    await eventually(lambda: second.lost_calls == 1, what="second connection lost")
+    await eventually(lambda: second.lost_calls == 1, "second connection lost")
 
 
 # --- closing from the connection side -----------------------------------------------------------------
@@ -134,7 +135,7 @@ async def test_cache_limit_without_receiver_closes_4500(start_live: StartLive) -
     expected = f'c[4500,"{SLOW_CONSUMER_REASON}"]\n'.encode()
     assert (await live.client.post(url + "/xhr")).content == expected
     connection = live.echo.factory.only()
-    await eventually(lambda: connection.lost_calls == 1, what="connection_lost")
+    await eventually(lambda: connection.lost_calls == 1, "connection_lost")
 
 
 async def test_cache_limit_exactly_reached_is_fine(start_live: StartLive) -> None:
@@ -174,7 +175,7 @@ async def test_receiver_that_never_drains_closes_4500() -> None:
     assert not session.closed
     await session.send(b"m3")
     assert session.close_status == (4500, SLOW_CONSUMER_REASON)
-    await eventually(lambda: factory.only().lost_calls == 1, what="connection_lost")
+    await eventually(lambda: factory.only().lost_calls == 1, "connection_lost")
     assert await session.next_frame(receiver, 1.0) == "o"
     assert await session.next_frame(receiver, 1.0) == 'a["m0","m1","m2"]'
     assert await session.next_frame(receiver, 1.0) == f'c[4500,"{SLOW_CONSUMER_REASON}"]'
@@ -189,7 +190,7 @@ async def test_send_after_close_is_dropped() -> None:
     await session.close(4000, "done")
     await session.send(b"late")
     assert session.queued == 0
-    await eventually(lambda: factory.only().lost_calls == 1, what="connection_lost")
+    await eventually(lambda: factory.only().lost_calls == 1, "connection_lost")
     await session.terminate(3000, "again")
     assert session.close_status == (4000, "done")
     assert factory.only().lost_calls == 1

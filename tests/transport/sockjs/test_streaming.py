@@ -9,7 +9,8 @@ import pytest
 import pytest_asyncio
 
 from gateway.transport.sockjs import protocol
-from tests.transport.sockjs.conftest import Live, eventually, streaming
+from tests.support.polling import eventually
+from tests.transport.sockjs.conftest import Live, streaming
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -121,7 +122,7 @@ async def test_aborted_stream_closes_the_session_with_1002(live: Live) -> None:
         assert await first.read_until(b"\n") == b"o\n"
     # Leaving the block closed the client's connection mid-response.
     connection = live.echo.factory.only()
-    await eventually(lambda: connection.lost_calls == 1, what="connection_lost after abort")
+    await eventually(lambda: connection.lost_calls == 1, "connection_lost after abort")
     async with streaming(live.client, "POST", url + "/xhr_streaming") as again:
         await again.read_until(b"\n")
         assert await again.read_until(b"\n") == b'c[1002,"Connection interrupted"]\n'

@@ -12,8 +12,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from tests.support.polling import eventually
 from tests.transport.conftest import ServerLog
-from tests.transport.sockjs.conftest import Live, eventually
+from tests.transport.sockjs.conftest import Live
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -58,7 +59,7 @@ async def test_transport(live: Live) -> None:
     connection = live.echo.factory.only()
     assert connection.transport == "sockjs-websocket"
     assert connection.received == [b"a", b"single", b"b", b"c"]
-    await eventually(lambda: connection.lost_calls == 1, what="connection_lost")
+    await eventually(lambda: connection.lost_calls == 1, "connection_lost")
 
 
 async def test_empty_messages_are_ignored(live: Live) -> None:
@@ -94,7 +95,7 @@ async def test_connection_close_sends_frame_then_closes(live: Live) -> None:
         assert await recv(ws) == 'c[4000,"Session ended"]'
         assert await closed_with(ws) == (4000, "Session ended")
     connection = live.echo.factory.only()
-    await eventually(lambda: connection.lost_calls == 1, what="connection_lost")
+    await eventually(lambda: connection.lost_calls == 1, "connection_lost")
 
 
 async def test_close_code_not_valid_on_websocket_becomes_1000(live: Live) -> None:
@@ -124,7 +125,7 @@ async def test_broken_json_closes_1007(live: Live, payload: str) -> None:
         code, _ = await closed_with(ws)
         assert code == 1007
     connection = live.echo.factory.only()
-    await eventually(lambda: connection.lost_calls == 1, what="connection_lost")
+    await eventually(lambda: connection.lost_calls == 1, "connection_lost")
     assert connection.received == []
 
 
@@ -144,7 +145,7 @@ async def test_payload_limit_closes_1009(start_live: StartLive) -> None:
         await ws.send('["' + "é" * 31 + '"]')  # 66 bytes in UTF-8, 35 characters
         assert (await closed_with(ws))[0] == 1009
     connection = live.echo.factory.only()
-    await eventually(lambda: connection.lost_calls == 1, what="connection_lost")
+    await eventually(lambda: connection.lost_calls == 1, "connection_lost")
     assert connection.received == [b"x" * 60]
 
 
@@ -170,8 +171,8 @@ async def test_client_close_calls_connection_lost_once(live: Live) -> None:
         await ws.send('["x"]')
         assert await recv(ws) == 'a["x"]'
     connection = live.echo.factory.only()
-    await eventually(lambda: connection.lost_calls == 1, what="connection_lost")
-    await eventually(lambda: len(live.echo.registry) == 0, what="session forgotten")
+    await eventually(lambda: connection.lost_calls == 1, "connection_lost")
+    await eventually(lambda: len(live.echo.registry) == 0, "session forgotten")
     assert connection.lost_calls == 1
 
 

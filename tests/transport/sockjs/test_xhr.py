@@ -7,7 +7,8 @@ import uuid
 
 import pytest
 
-from tests.transport.sockjs.conftest import Live, background_request, eventually
+from tests.support.polling import eventually
+from tests.transport.sockjs.conftest import Live, background_request
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -119,7 +120,7 @@ async def test_pending_poll_gets_the_next_message(live: Live) -> None:
     await live.client.post(url + "/xhr")
     poll = await background_request(live.client, "POST", url + "/xhr")
     session = live.echo.registry.get(url.rsplit("/", 1)[1])
-    await eventually(lambda: session.has_receiver, what="poll attached")
+    await eventually(lambda: session.has_receiver, "poll attached")
     assert (await live.client.post(url + "/xhr_send", content=b'["late"]')).status_code == 204
     assert (await poll).content == b'a["late"]\n'
 
@@ -129,7 +130,7 @@ async def test_second_receiver_gets_2010_and_first_keeps_the_session(live: Live)
     await live.client.post(url + "/xhr")
     first = await background_request(live.client, "POST", url + "/xhr")
     session = live.echo.registry.get(url.rsplit("/", 1)[1])
-    await eventually(lambda: session.has_receiver, what="first poll attached")
+    await eventually(lambda: session.has_receiver, "first poll attached")
     second = await live.client.post(url + "/xhr")
     assert second.status_code == 200
     assert second.content == b'c[2010,"Another connection still open"]\n'
@@ -147,7 +148,7 @@ async def test_close_service_serves_close_frame_repeatedly(live: Live) -> None:
         assert response.status_code == 200
         assert response.content == b'c[3000,"Go away!"]\n'
     connection = live.close.factory.only()
-    await eventually(lambda: connection.lost_calls == 1, what="connection_lost")
+    await eventually(lambda: connection.lost_calls == 1, "connection_lost")
     assert connection.lost_calls == 1
 
 
@@ -159,7 +160,7 @@ async def test_connection_close_delivers_queued_messages_first(live: Live) -> No
     assert (await live.client.post(url + "/xhr")).content == b'c[4000,"Bye now"]\n'
     assert (await live.client.post(url + "/xhr")).content == b'c[4000,"Bye now"]\n'
     connection = live.echo.factory.only()
-    await eventually(lambda: connection.lost_calls == 1, what="connection_lost")
+    await eventually(lambda: connection.lost_calls == 1, "connection_lost")
     # Messages sent to a closed (but still remembered) session are accepted and dropped.
     assert (await live.client.post(url + "/xhr_send", content=b'["after"]')).status_code == 204
     assert connection.received == [b"before", b"!close 4000 Bye now"]
@@ -173,7 +174,7 @@ async def test_connection_close_reaches_a_waiting_poll(live: Live) -> None:
     assert (await live.client.post(url + "/xhr")).content == b'a["x"]\n'
     poll = await background_request(live.client, "POST", url + "/xhr")
     session = live.echo.registry.get(session_id)
-    await eventually(lambda: session.has_receiver, what="poll attached")
+    await eventually(lambda: session.has_receiver, "poll attached")
     await session.connection.sink.close(4001, "Closed by STOMP")
     assert (await poll).content == b'c[4001,"Closed by STOMP"]\n'
 
@@ -184,13 +185,13 @@ async def test_aborted_poll_closes_the_session_with_1002(live: Live) -> None:
     await live.client.post(url + "/xhr")
     poll = await background_request(live.client, "POST", url + "/xhr")
     session = live.echo.registry.get(session_id)
-    await eventually(lambda: session.has_receiver, what="poll attached")
+    await eventually(lambda: session.has_receiver, "poll attached")
     second = await live.client.post(url + "/xhr")
     assert second.content == b'c[2010,"Another connection still open"]\n'
     poll.cancel()  # the client gives up: its TCP connection is closed
     await asyncio.gather(poll, return_exceptions=True)
     connection = live.echo.factory.only()
-    await eventually(lambda: connection.lost_calls == 1, what="connection_lost after abort")
+    await eventually(lambda: connection.lost_calls == 1, "connection_lost after abort")
     third = await live.client.post(url + "/xhr")
     assert third.content == b'c[1002,"Connection interrupted"]\n'
     assert connection.lost_calls == 1
