@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from deploy.local_cluster import ClusterError, LocalCluster, find_executable, http_get, local_nginx_conf
+from tests.support.ci import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -28,9 +29,7 @@ def _require(tool: str) -> str:
     try:
         return find_executable(tool)
     except ClusterError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"{exc}; CI must run the deployment tests", pytrace=False)
-        pytest.skip(str(exc))
+        skip_or_fail(str(exc), tests="the deployment tests")
 
 
 def _compose() -> dict[str, Any]:

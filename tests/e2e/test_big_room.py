@@ -7,13 +7,16 @@ import json
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import pytest
-from playwright.sync_api import BrowserContext
 
 from tests.e2e.conftest import ChatPage, wait_for
 from tests.support.gateway_process import GatewayProcess
 from tests.support.stomp_wire import WsStompClient, frame
+
+if TYPE_CHECKING:  # only for annotations: without Playwright the fixtures skip (or fail in CI)
+    from playwright.sync_api import BrowserContext
 
 pytestmark = [pytest.mark.browser]
 

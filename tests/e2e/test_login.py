@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import urllib.request
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from playwright.sync_api import BrowserContext
 
 from tests.e2e.conftest import ChatPage, wait_for
 from tests.support.gateway_process import GatewayProcess
+
+if TYPE_CHECKING:  # only for annotations: without Playwright the fixtures skip (or fail in CI)
+    from playwright.sync_api import BrowserContext
 
 pytestmark = [pytest.mark.browser]
 

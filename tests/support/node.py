@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.support.ci import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENTS = REPO / "tests" / "clients"
@@ -46,9 +46,7 @@ def require_node() -> str:
     elif not (NODE_MODULES / "@stomp" / "stompjs").is_dir():
         reason = f"npm packages missing in {NODE_MODULES} (run `make node-deps`)"
     if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_or_fail(reason, tests="the JavaScript client tests")
     assert node is not None
     return node
 

@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
-import pytest
+
+from tests.support.ci import skip_or_fail
 
 ADMIN_URL = os.environ.get("GATEWAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 DATABASE_PREFIX = "chatgw_test_"
@@ -57,10 +58,7 @@ async def require_postgres() -> None:
         else:
             await conn.close()
     if _unreachable is not None:
-        message = f"PostgreSQL at {ADMIN_URL} is unreachable ({_unreachable})"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; CI must run the PostgreSQL tests", pytrace=False)
-        pytest.skip(message)
+        skip_or_fail(f"PostgreSQL at {ADMIN_URL} is unreachable ({_unreachable})", tests="the PostgreSQL tests")
 
 
 async def create_database() -> str:

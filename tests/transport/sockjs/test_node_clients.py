@@ -26,7 +26,9 @@ from gateway.stomp.codec import FrameParser, serialize
 from gateway.stomp.frames import Frame
 from gateway.transport.base import FrameSink
 from gateway.transport.sockjs import create_sockjs_routes
-from tests.transport.sockjs.conftest import SwitchApp, eventually, make_settings
+from tests.support.ci import skip_or_fail
+from tests.support.polling import eventually
+from tests.transport.sockjs.conftest import SwitchApp, make_settings
 
 pytestmark = [pytest.mark.node, pytest.mark.asyncio(loop_scope="module")]
 
@@ -42,9 +44,7 @@ def _require_node() -> None:
     elif not (REPO / "node_modules" / "sockjs-client").is_dir():
         missing = "node_modules/sockjs-client is missing (make node-deps)"
     if missing:
-        if os.environ.get("CI"):
-            pytest.fail(missing)
-        pytest.skip(missing)
+        skip_or_fail(missing, tests="the SockJS Node client tests")
 
 
 @dataclass
@@ -158,7 +158,7 @@ async def test_real_clients_over_each_transport(server: tuple[str, SwitchApp], t
         (connection,) = broker.connections
         assert connection.transport == "sockjs-" + transport.replace("-polling", "").replace("-", "_")
         assert connection.commands[:2] == ["CONNECT", "SUBSCRIBE"]
-        await eventually(lambda: connection.lost_calls == 1, what="connection_lost after the client left")
+        await eventually(lambda: connection.lost_calls == 1, "connection_lost after the client left")
     finally:
         await routes.registry.close_all(flush_timeout_s=0.5)
         switch.current = None
