@@ -6,8 +6,6 @@ MemoryBroker. Socket-level behaviour is tested in test_websocket*.py.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,6 +17,7 @@ from gateway.hub import Hub, InboundMessage, MessageRouter, SessionInfo
 from gateway.settings import Settings, load_settings
 from gateway.stomp.frames import Frame
 from gateway.transport.connection import StompConnection, session_config
+from tests.support.polling import eventually
 from tests.support.stomp_wire import frame, server_frames
 
 
@@ -49,13 +48,6 @@ class FakeSink:
         return server_frames(b"".join(self.sent))
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.005)
-
-
 def settings(**values: Any) -> Settings:
     return load_settings(environ={}, node_id="n1", **values)
 
@@ -74,7 +66,7 @@ async def make(hub: Hub | None = None, **values: Any) -> tuple[StompConnection, 
 
 async def connect(connection: StompConnection, sink: FakeSink, **headers: str) -> None:
     await connection.receive(frame("CONNECT", {"accept-version": "1.2", **headers}))
-    await until(lambda: bool(sink.sent))
+    await eventually(lambda: bool(sink.sent), "the first frame")
     assert sink.frames()[0].command == "CONNECTED"
 
 
@@ -87,9 +79,10 @@ async def test_receipts_a_client_never_reads_are_bounded() -> None:
         if connection.closed:
             break
     assert connection.closed and i < 10
-    await until(lambda: not hub.sessions)          # released without waiting for the blocked send
+    # released without waiting for the blocked send:
+    await eventually(lambda: not hub.sessions, "the session to be released")
     sink.unblock()
-    await until(lambda: bool(sink.closes))
+    await eventually(lambda: bool(sink.closes), "the close")
     assert sink.closes == [(4500, "Send limit exceeded")]
 
 
@@ -98,7 +91,7 @@ async def test_one_large_frame_into_an_empty_queue_is_not_a_slow_consumer() -> N
     await connect(connection, sink)
     await connection.receive(frame("SUBSCRIBE", {"id": "0", "destination": "/sub/big"}))
     await hub.publish(Publication("/sub/big", b"x" * 100_000))
-    await until(lambda: len(sink.sent) == 2)
+    await eventually(lambda: len(sink.sent) == 2, "the second frame")
     assert sink.frames()[1].body == b"x" * 100_000
     assert not connection.closed
 
@@ -108,9 +101,9 @@ async def test_blocked_send_times_out_with_4500() -> None:
     await connect(connection, sink)
     sink.block()
     await connection.receive(frame("BEGIN", {"transaction": "t", "receipt": "r"}))
-    await until(lambda: not hub.sessions)
+    await eventually(lambda: not hub.sessions, "the session to be released")
     sink.unblock()
-    await until(lambda: bool(sink.closes))
+    await eventually(lambda: bool(sink.closes), "the close")
     assert sink.closes == [(4500, "Send time limit exceeded")]
 
 
@@ -123,7 +116,7 @@ async def test_disconnect_hooks_run_once_whoever_ends_the_session() -> None:
     hub.on_disconnect.append(on_disconnect)
     await connect(connection, sink)
     await connection.receive(frame("DISCONNECT", {"receipt": "bye"}))
-    await until(lambda: bool(sink.closes))
+    await eventually(lambda: bool(sink.closes), "the close")
     await connection.connection_lost()             # the transport reports the loss too
     await connection.connection_lost()
     assert ended == [connection.info.session_id]
@@ -136,11 +129,14 @@ async def test_subscription_finished_after_the_connection_was_lost_is_removed() 
     await connect(connection, sink)
     gate = asyncio.Event()
 
+    authorizing = asyncio.Event()
+
     async def slow_authorization(info: SessionInfo, sub_id: str, destination: str) -> None:
+        authorizing.set()
         await gate.wait()                          # e.g. a database lookup
     hub.authorize_subscribe.append(slow_authorization)
     subscribing = asyncio.create_task(connection.receive(frame("SUBSCRIBE", {"id": "0", "destination": "/sub/x"})))
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(authorizing.wait(), 10)  # the SUBSCRIBE is inside the authorization
     await connection.connection_lost()             # the socket died meanwhile
     gate.set()
     await subscribing
@@ -153,7 +149,7 @@ async def test_broker_unavailable_is_an_error_with_receipt_id() -> None:
     await connect(connection, sink)
     await hub.stop()                               # the memory broker refuses to publish when stopped
     await connection.receive(frame("SEND", {"destination": "/sub/x", "receipt": "r"}, "x"))
-    await until(lambda: bool(sink.closes))
+    await eventually(lambda: bool(sink.closes), "the close")
     error = sink.frames()[-1]
     assert error.command == "ERROR" and error.get("receipt-id") == "r"
     assert error.get("message") == "Message broker unavailable, try again"
@@ -170,7 +166,7 @@ async def test_receipt_for_send_comes_after_the_handler_ran() -> None:
     hub.router.add("/work", handler)
     await connect(connection, sink)
     await connection.receive(frame("SEND", {"destination": "/pub/work", "receipt": "done"}, "job"))
-    await until(lambda: len(sink.sent) == 2)
+    await eventually(lambda: len(sink.sent) == 2, "the second frame")
     assert order == ["job"] and sink.frames()[1].get("receipt-id") == "done"
 
 
@@ -182,7 +178,7 @@ async def test_internal_error_in_the_session_becomes_an_error_frame(monkeypatch:
         raise RuntimeError("bug with /secret/path")
     monkeypatch.setattr(connection.session, "receive_data", broken)   # fault injection: a bug
     await connection.receive(frame("SEND", {"destination": "/pub/x"}))
-    await until(lambda: bool(sink.closes))
+    await eventually(lambda: bool(sink.closes), "the close")
     error = sink.frames()[-1]
     assert error.command == "ERROR" and error.get("message") == "Internal server error"
     assert b"secret" not in b"".join(sink.sent)
@@ -192,13 +188,13 @@ async def test_internal_error_in_the_session_becomes_an_error_frame(monkeypatch:
 async def test_heart_beats_are_sent_when_idle() -> None:
     connection, sink, _hub = await make(heartbeat_send_min_ms=50)
     await connect(connection, sink, **{"heart-beat": "0,50"})
-    await until(lambda: sink.sent.count(b"\n") >= 2)
+    await eventually(lambda: sink.sent.count(b"\n") >= 2, "two heart-beats")
     await connection.connection_lost()
 
 
 async def test_connect_timeout_sends_error_and_closes_1008() -> None:
     _connection, sink, hub = await make(connect_timeout_s=0.05)
-    await until(lambda: bool(sink.closes))
+    await eventually(lambda: bool(sink.closes), "the close")
     (error,) = sink.frames()
     assert error.get("message") == "No CONNECT frame within 0.05 s"
     assert sink.closes == [(1008, "CONNECT timeout")]
@@ -210,10 +206,10 @@ async def test_max_sessions_per_user_is_crossed() -> None:
     await connect(first, sink1, login="alice")
     second, sink2, _ = await make(hub, max_sessions_per_user=1)
     await second.receive(frame("CONNECT", {"accept-version": "1.2", "login": "alice"}))
-    await until(lambda: bool(sink2.closes))
+    await eventually(lambda: bool(sink2.closes), "the second session's close")
     assert sink2.frames()[0].get("message") == "Too many sessions for user 'alice' (limit 1)"
     await first.receive(frame("DISCONNECT"))
-    await until(lambda: "alice" not in hub.user_sessions)
+    await eventually(lambda: "alice" not in hub.user_sessions, "alice's session to end")
     third, sink3, _ = await make(hub, max_sessions_per_user=1)
     await connect(third, sink3, login="alice")
 
@@ -223,6 +219,6 @@ async def test_too_many_sessions_error_to_a_stomp_1_0_connect_is_not_escaped() -
     await connect(first, sink1, login="ns:alice")
     second, sink2, _ = await make(hub, max_sessions_per_user=1)
     await second.receive(frame("CONNECT", {"login": "ns:alice"}))  # no accept-version: STOMP 1.0
-    await until(lambda: bool(sink2.closes))
+    await eventually(lambda: bool(sink2.closes), "the second session's close")
     assert b"".join(sink2.sent) == (b"ERROR\nmessage:Too many sessions for user 'ns:alice' (limit 1)\n"
                                     b"content-length:0\n\n\x00")

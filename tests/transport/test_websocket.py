@@ -14,6 +14,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from tests.support.live_server import ServerFactory
+from tests.support.polling import eventually
 from tests.support.stomp_wire import WsStompClient, frame
 from tests.transport.conftest import ServerLog
 
@@ -152,7 +153,7 @@ async def test_disconnect_receipt_then_normal_close(gateway_server: ServerFactor
     receipt = await client.next_frame()
     assert receipt.command == "RECEIPT" and receipt.get("receipt-id") == "bye"
     assert (await client.closed())[0] == 1000
-    await server.await_for(lambda: server.session_count == 0, what="session removed")
+    await eventually(lambda: server.session_count == 0, "the session to be removed")
 
 
 async def test_frame_before_connect_gets_error_then_1002(gateway_server: ServerFactory) -> None:
@@ -163,7 +164,7 @@ async def test_frame_before_connect_gets_error_then_1002(gateway_server: ServerF
     assert error.command == "ERROR" and error.get("receipt-id") == "early"
     assert error.get("message") == "SUBSCRIBE frame received before CONNECT"
     assert (await client.closed())[0] == 1002
-    await server.await_for(lambda: server.session_count == 0, what="session removed")
+    await eventually(lambda: server.session_count == 0, "the session to be removed")
 
 
 async def test_frame_over_the_size_limit_gets_error_then_1002(gateway_server: ServerFactory) -> None:
@@ -215,7 +216,7 @@ async def test_abrupt_client_close_removes_the_session(gateway_server: ServerFac
     await client.subscribe("/sub/chat/room/1", "0")
     assert server.gateway.hub.registry.count("/sub/chat/room/1") == 1
     client.ws.transport.abort()
-    await server.await_for(lambda: server.session_count == 0, what="session removed")
+    await eventually(lambda: server.session_count == 0, "the session to be removed")
     assert server.gateway.hub.registry.count("/sub/chat/room/1") == 0
 
 
@@ -228,7 +229,7 @@ async def test_connect_timeout_closes_a_silent_socket(gateway_server: ServerFact
     error = await client.next_frame(timeout=10)
     assert error.command == "ERROR" and error.get("message") == "No CONNECT frame within 0.3 s"
     assert (await client.closed())[0] == 1008
-    await server.await_for(lambda: server.session_count == 0, what="session removed")
+    await eventually(lambda: server.session_count == 0, "the session to be removed")
 
 
 async def test_server_heart_beats_at_the_negotiated_interval(gateway_server: ServerFactory) -> None:
@@ -242,14 +243,19 @@ async def test_server_heart_beats_at_the_negotiated_interval(gateway_server: Ser
 
 
 async def test_no_server_heart_beats_when_the_client_asks_none(gateway_server: ServerFactory) -> None:
+    """Ordered by events, not by a sleep: while a client that asked for heart-beats (connected later)
+    receives three, the one that asked none receives none."""
     server = gateway_server(heartbeat_send_min_ms=50)
     client = await WsStompClient.open(server.ws_url)
     await client.connect({"heart-beat": "0,0"})
     await client.subscribe("/sub/echo", "0")
-    await asyncio.sleep(0.3)                            # several would-be intervals
+    beating = await WsStompClient.open(server.ws_url)
+    await beating.connect({"heart-beat": "0,50"})
+    await beating.wait_heartbeats(3, timeout=30)
     await client.send_frame("SEND", {"destination": "/pub/echo"}, "x")
-    assert (await client.next_frame()).command == "MESSAGE"
+    assert (await client.next_frame()).command == "MESSAGE"   # read everything sent before it
     assert client.heartbeats == 0
+    await beating.close()
     await client.close()
 
 
@@ -260,17 +266,24 @@ async def test_silent_client_is_closed_after_the_grace(gateway_server: ServerFac
     assert connected.get("heart-beat") == "1000,100"
     code, _ = await client.closed(timeout=10)
     assert code == 1002
-    await server.await_for(lambda: server.session_count == 0, what="session removed")
+    await eventually(lambda: server.session_count == 0, "the session to be removed")
 
 
 async def test_beating_client_stays_connected(gateway_server: ServerFactory) -> None:
-    server = gateway_server(heartbeat_receive_ms=200, heartbeat_grace=3.0)
+    """Ordered by events, not by a time window: the beating client connects first, a silent one after
+    it; once the server has closed the silent one, the beating one is past the deadline it would have
+    had without beats, and must still be served. (Beats every 50 ms against a 1 s window.)"""
+    server = gateway_server(heartbeat_receive_ms=250, heartbeat_grace=4.0)
     client = await WsStompClient.open(server.ws_url)
-    await client.connect({"heart-beat": "200,0"})
+    await client.connect({"heart-beat": "250,0"})
     await client.subscribe("/sub/echo", "0")
-    for _ in range(12):                                 # 1.2 s: twice the 600 ms a silent client gets
+    silent = await WsStompClient.open(server.ws_url)
+    await silent.connect({"heart-beat": "250,0"})
+    silent_closed = asyncio.create_task(silent.closed(timeout=60))
+    while not silent_closed.done():
         await client.send("\n")
-        await asyncio.sleep(0.1)
+        await asyncio.wait([silent_closed], timeout=0.05)
+    assert silent_closed.result()[0] == 1002
     await client.send_frame("SEND", {"destination": "/pub/echo"}, "still here")
     assert (await client.next_frame()).body == b"still here"
     await client.close()
