@@ -6,7 +6,7 @@ traffic crosses every shard. Each test then checks, on every subscriber of every
 acknowledged (RECEIPTed) message is stored once and delivered once, in seq order:
 
 - plain chat, and that each room channel is SSUBSCRIBEd on its own shard only (PUBSUB SHARDNUMSUB),
-  never classically (PUBSUB NUMSUB);
+  never classically (PUBSUB NUMSUB); presence counts are fleet-wide (keys in one hash slot);
 - a primary SIGKILLed under traffic and its replica promoted (CLUSTER FAILOVER FORCE);
 - a slot holding a test room migrated to another primary under traffic (CLUSTER SETSLOT steps).
 
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.cluster.chat_checks import RoomWatch, Traffic, check_all
-from tests.cluster.conftest import Cluster
+from tests.cluster.conftest import ROOM_PREFIX, Cluster
 from tests.support.redis_cluster import RedisClusterProcesses
 from tests.support.redis_server import RedisServer, RedisServerMissing
 
@@ -119,6 +119,28 @@ async def test_chat_across_every_shard_is_stored_and_delivered_once_in_order(
     for index in range(len(cluster.nodes)):
         ready = await cluster.get("/readyz", index)
         assert ready["broker"] is True
+
+    # Presence on a cluster: its keys share one hash slot ({gateway:presence}), counts are fleet-wide.
+    lobby = await cluster.create_room("presence")
+    for node in range(len(cluster.nodes)):
+        ws = await cluster.client(node, login=f"member{node}")
+        await ws.subscribe(ROOM_PREFIX + lobby, "p", receipt=False)
+
+    async def lobby_counts() -> list[int]:
+        counts = []
+        for node in range(len(cluster.nodes)):
+            listed = await cluster.get("/chat/rooms", node)
+            counts.extend(r["userCount"] for r in listed if r["roomId"] == lobby)
+        return counts
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RESUME_S
+    while await lobby_counts() != [3, 3, 3]:
+        assert loop.time() < deadline, f"presence counts {await lobby_counts()}, want 3 on every node"
+        await asyncio.sleep(0.2)
+    keys_owner = redis_cluster.owner(redis_cluster.keyslot("{gateway:presence}:nodes"))
+    members = keys_owner.command("SMEMBERS", "{gateway:presence}:nodes")
+    assert isinstance(members, list) and {b"node0", b"node1", b"node2"} <= set(members)
 
 
 async def test_primary_killed_under_traffic_loses_nothing_acknowledged(
