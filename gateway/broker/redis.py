@@ -369,6 +369,8 @@ class RedisBroker:
         try:
             async with asyncio.timeout(self.timeout_s):
                 client = await self._publisher()
+                if isinstance(client, RedisCluster):  # the primaries; a lost replica does not stop the bus
+                    return bool(await client.execute_command("PING", target_nodes=RedisCluster.PRIMARIES))
                 return bool(await client.ping())
         except (RedisError, OSError, TimeoutError, BrokerUnavailable):
             self._publish_stale = True
