@@ -200,6 +200,8 @@ class RedisBroker:
         """Messages received on a subscribed channel that were not a publication of ours."""
         self.reroutes = 0
         """Sharded subscriptions moved to another cluster primary (resharding or failover)."""
+        self.redirects = 0
+        """MOVED/ASK replies to SSUBSCRIBE (the slot map this node had was stale)."""
 
     @classmethod
     def from_settings(cls, settings: Settings, room_reader: RoomPayloadReader | None = None) -> RedisBroker:
@@ -771,6 +773,7 @@ class RedisBroker:
 
     def _refused(self, link: _Link, slot: int, why: str) -> None:
         """A sharded subscription command for ``slot`` was redirected: re-read the slot map."""
+        self.redirects += 1
         subs = [s for s in list(link.pending) if s.sharded and channel_slot(s.name) == slot]
         log.info("node %s: %s refused shard channels of slot %d (%s); reading the slot map",
                  self.node_id, link.where, slot, why)

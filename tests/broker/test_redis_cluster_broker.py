@@ -172,6 +172,32 @@ async def test_classic_mode_on_a_cluster_uses_one_link_and_broadcast_publish(nod
     await b.wait_for(lambda: b.bodies(destination) == [chat(room_id, "x")], "the broadcast publication")
 
 
+async def test_ssubscribe_on_a_stale_slot_map_follows_moved(nodes: Nodes) -> None:
+    """A slot moves while this node has no channel in it (no sunsubscribe push reaches it), so its
+    slot map is stale; the SSUBSCRIBE goes to the old owner, gets MOVED, and lands on the new one."""
+    primaries = nodes.cluster.primaries()
+    source, target = primaries[0], primaries[1]
+    node = await nodes.node()
+    anchor_id, anchor = nodes.room_on(source)  # keeps a link to the source open
+    await node.broker.subscribe(anchor)
+    anchor_slot = nodes.cluster.keyslot(nodes.prefix + anchor_id)
+    while True:
+        room_id, destination = nodes.room_on(source)
+        slot = nodes.cluster.keyslot(nodes.prefix + room_id)
+        if slot != anchor_slot:
+            break
+    nodes.cluster.migrate_slot(slot, target)
+    try:
+        await node.broker.subscribe(destination)
+        await node.wait_for(lambda: node.broker.healthy and broker(node).reroutes == 1, "the re-placed channel")
+        assert broker(node).redirects >= 1
+        reply = target.command("PUBSUB", "SHARDNUMSUB", nodes.prefix + room_id)
+        assert isinstance(reply, list) and reply[1] == 1
+        await node.broker.publish(Publication(destination, chat(room_id, "moved")))
+        await node.wait_for(lambda: node.bodies(destination) == [chat(room_id, "moved")], "the publication")
+    finally:
+        nodes.cluster.migrate_slot(slot, source)
+
 async def test_failover_moves_subscriptions_to_the_promoted_replica_with_a_gap(nodes: Nodes) -> None:
     """Last in the module: it kills a primary (SIGKILL, then CLUSTER FAILOVER FORCE on its replica)."""
     primaries = nodes.cluster.primaries()
@@ -205,3 +231,4 @@ def _has_replica(cluster: RedisClusterProcesses, primary: RedisServer) -> bool:
     except Exception:
         return False
     return True
+
