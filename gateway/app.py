@@ -25,6 +25,7 @@ from starlette.websockets import WebSocket
 from gateway.auth import create_authenticator
 from gateway.broker.base import Broker
 from gateway.hub import Hub, MessageRouter
+from gateway.limits import create_limits
 from gateway.settings import Settings, load_settings
 from gateway.stomp.session import Authenticator, SessionConfig
 from gateway.transport.base import CLOSE_SERVICE_RESTART, Connection, FrameSink
@@ -86,6 +87,7 @@ def build_gateway(settings: Settings) -> Gateway:
     broker = create_broker(settings, room_reader=peek_seq)
     router = MessageRouter(settings.app_prefixes)
     hub = Hub(broker, router, node_id=settings.node_id)
+    hub.limits = create_limits(settings)
     return Gateway(settings=settings, broker=broker, hub=hub, router=router,
                    authenticator=create_authenticator(settings), config=session_config(settings))
 

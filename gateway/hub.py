@@ -26,6 +26,7 @@ from typing import Protocol
 from gateway.broker.base import Broker, Publication
 from gateway.broker.patterns import is_pattern, matches
 from gateway.broker.registry import SubscriptionRegistry
+from gateway.limits import NodeLimits
 from gateway.stomp.codec import MessageTemplate
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,9 @@ class Hub:
         self.registry: SubscriptionRegistry[Subscriber] = SubscriptionRegistry()
         self.sessions: dict[str, Subscriber] = {}
         self.user_sessions: dict[str, int] = {}
+        # The node's abuse limits (SEND rate, sessions per user and per address), started and stopped
+        # with the hub; set by the app (a connection builds per-node ones when it finds None).
+        self.limits: NodeLimits | None = None
         self.interceptors: list[Interceptor] = []
         self.on_connect: list[SessionHook] = []
         self.authorize_subscribe: list[SubscriptionHook] = []
@@ -184,8 +188,12 @@ class Hub:
 
     async def start(self) -> None:
         await self.broker.start(self.receive_publication, self._gap)
+        if self.limits is not None:
+            await self.limits.start()
 
     async def stop(self) -> None:
+        if self.limits is not None:
+            await self.limits.stop()
         await self.broker.stop()
 
     def _gap(self, destinations: frozenset[str]) -> None:

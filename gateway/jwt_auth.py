@@ -24,7 +24,7 @@ import jwt
 from jwt.warnings import InsecureKeyLengthWarning
 
 from gateway.stomp.frames import Frame
-from gateway.stomp.session import AuthenticationFailed, Authenticator
+from gateway.stomp.session import AuthenticationFailed, Authenticator, Principal
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,11 @@ def token_from_headers(frame: Frame) -> str | None:
 
 
 def user_from_token(token: str, key: bytes) -> str:
+    return str(principal_from_token(token, key))
+
+
+def principal_from_token(token: str, key: bytes) -> Principal:
+    """The token's user and its ``exp`` (a STOMP session is closed with ``token expired`` then)."""
     try:
         claims = jwt.decode(token, key, algorithms=ALGORITHMS, options={"require": ["exp"]})
     except jwt.ExpiredSignatureError:
@@ -66,7 +71,8 @@ def user_from_token(token: str, key: bytes) -> str:
     user = claims.get("jti") or claims.get("sub")
     if not isinstance(user, str) or not user:
         raise AuthenticationFailed("Authentication failed: token names no user")
-    return user
+    exp = claims.get("exp")
+    return Principal(user, float(exp) if isinstance(exp, int | float) else None)
 
 
 def mint_token(user: str, key: bytes, *, ttl_s: int = 3600, now: float | None = None) -> str:
@@ -88,7 +94,7 @@ def jwt_authenticator(secret: str) -> Authenticator:
             log.info("CONNECT without token rejected")
             raise AuthenticationFailed("Authentication failed: no token")
         try:
-            return user_from_token(token, key)
+            return principal_from_token(token, key)
         except AuthenticationFailed as exc:
             log.info("CONNECT rejected: %s", exc)
             raise

@@ -49,9 +49,22 @@ class AuthenticationFailed(Exception):
     """Raised by an authenticator; ``str(exc)`` goes into the ERROR frame's ``message`` header."""
 
 
+class Principal(str):
+    """A user name that also says when the credential it was proven with expires (wall-clock seconds
+    since the epoch, or None): what an authenticator returns when the session must end then. It is a
+    ``str``, so an authenticator returning one still returns "the user name"."""
+
+    expires_at: float | None
+
+    def __new__(cls, name: str, expires_at: float | None = None) -> Principal:
+        principal = super().__new__(cls, name)
+        principal.expires_at = expires_at
+        return principal
+
+
 Authenticator = Callable[[Frame], "str | None"]
 """Given the CONNECT frame, return the user name (or None for an anonymous session), or raise
-:class:`AuthenticationFailed`."""
+:class:`AuthenticationFailed`. A :class:`Principal` also carries the credential's expiry."""
 
 
 class State(enum.Enum):
@@ -64,10 +77,11 @@ class State(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Connected:
-    """CONNECT succeeded; CONNECTED is queued."""
+    """CONNECT succeeded; CONNECTED is queued. ``expires_at``: when the credential expires (epoch s)."""
     user: str | None
     version: str
     headers: tuple[tuple[str, str], ...]
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +150,7 @@ class SessionConfig:
     max_subscriptions: int = 100
     max_transactions: int = 10
     max_transaction_frames: int = 1000
+    max_transaction_bytes: int = 1048576
     max_pending_acks: int = 10000
     heartbeat_send_min_ms: int = 1000
     heartbeat_receive_ms: int = 10000
@@ -159,6 +174,7 @@ class Subscription:
 @dataclass(slots=True)
 class _Transaction:
     frames: list[Frame] = field(default_factory=list)
+    size: int = 0   # bytes buffered (see _buffered_size)
 
 
 class StompSession:
@@ -172,8 +188,10 @@ class StompSession:
         self.state = State.AWAITING_CONNECT
         self.version: str | None = None
         self.user: str | None = None
+        self.expires_at: float | None = None
         self.subscriptions: dict[str, Subscription] = {}
         self._transactions: dict[str, _Transaction] = {}
+        self._transaction_bytes = 0   # what every open transaction buffers, bytes
         # message-id -> subscription id, for messages awaiting ACK/NACK (client ack modes only)
         self._pending_acks: OrderedDict[str, str] = OrderedDict()
         self._message_counter = itertools.count()
@@ -298,18 +316,23 @@ class StompSession:
         self.version = version
         client_send, client_receive = self._parse_heartbeat(frame.get("heart-beat"))
         user: str | None = None
+        expires_at: float | None = None
         if self._authenticate is not None:
             try:
-                user = self._authenticate(frame)
+                found = self._authenticate(frame)
             except AuthenticationFailed as exc:
                 raise ProtocolError(str(exc) or "Authentication failed") from None
             except Exception:
                 # A bug in an authenticator: log it here, never put its details on the wire.
                 log.exception("session %s: authenticator failed", self.session_id)
                 raise ProtocolError("Authentication failed") from None
+            if isinstance(found, Principal):
+                expires_at = found.expires_at
+            user = None if found is None else str(found)
             if user is not None and ("\n" in user or "\r" in user):
                 raise ProtocolError("Authentication failed: invalid user name")
         self.user = user
+        self.expires_at = expires_at
         self.state = State.CONNECTED
         self._parser.unescape_headers = version != "1.0"
         self._message_id_prefix = ((escape(self.session_id) if version != "1.0" else self.session_id) + "-").encode()
@@ -326,7 +349,7 @@ class StompSession:
         if user is not None:
             headers.append(("user-name", user))
         self._outbox.append(serialize(Frame("CONNECTED", tuple(headers))))
-        events.append(Connected(user, version, frame.headers))
+        events.append(Connected(user, version, frame.headers, expires_at))
         receipt = frame.get("receipt")
         if receipt is not None:
             events.append(ReceiptRequested(receipt))
@@ -379,6 +402,12 @@ class StompSession:
         if len(tx.frames) >= self.config.max_transaction_frames:
             raise ProtocolError(
                 f"Transaction {name!r} exceeds the limit of {self.config.max_transaction_frames} frames")
+        size = _buffered_size(frame)
+        if self._transaction_bytes + size > self.config.max_transaction_bytes:
+            raise ProtocolError(f"Transactions exceed the limit of {self.config.max_transaction_bytes} "
+                                "buffered bytes per session")
+        self._transaction_bytes += size
+        tx.size += size
         tx.frames.append(frame)
 
     def _take_transaction(self, frame: Frame) -> _Transaction:
@@ -386,6 +415,7 @@ class StompSession:
         tx = self._transactions.pop(name, None)
         if tx is None:
             raise ProtocolError(f"Unknown transaction {name!r}")
+        self._transaction_bytes -= tx.size
         return tx
 
     # --- SUBSCRIBE / UNSUBSCRIBE --------------------------------------------------------------
@@ -486,6 +516,16 @@ class StompSession:
         if self.state is not State.CLOSED:
             self._queue_error(message, receipt_id)
 
+    def refuse_connected(self, message: str) -> CloseRequested:
+        """Take back the CONNECTED not yet sent (and anything queued after it) and answer the CONNECT
+        with an ERROR instead, ending the session: for checks the I/O layer makes after
+        ``receive_data`` returned :class:`Connected` (e.g. a cluster-wide count of the user's sessions)."""
+        self._outbox.clear()
+        self._queue_error(message)
+        self.state = State.CLOSED
+        self.close_code = CLOSE_PROTOCOL_ERROR
+        return CloseRequested(CLOSE_PROTOCOL_ERROR, message[:120])
+
     def data_to_send(self) -> list[bytes]:
         out, self._outbox = self._outbox, []
         return out
@@ -534,6 +574,12 @@ class StompSession:
         if not deadlines or self.state is not State.CONNECTED:
             return None
         return max(0.0, min(deadlines) - now)
+
+
+def _buffered_size(frame: Frame) -> int:
+    """What a buffered frame costs: its body, command and header text (each header line with ':' and EOL)."""
+    return (len(frame.body) + len(frame.command) + 1
+            + sum(len(key) + len(value) + 2 for key, value in frame.headers))
 
 
 def _has_prefix(destination: str, prefix: str) -> bool:

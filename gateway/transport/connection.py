@@ -8,7 +8,12 @@ for every SEND before it; a full window stops the reading, so TCP slows the clie
 session closes meanwhile is still committed, only its RECEIPT is not sent), the
 bounded outbound queue and its single writer task (past ``outbound_max_bytes`` queued, or one send
 blocked past ``outbound_send_timeout_s``, the session is closed with 4500 without slowing anyone
-else), the CONNECT deadline, heart-beat timers, and closing exactly once.
+else), the CONNECT deadline, heart-beat timers, the credential's expiry (ERROR ``token expired`` and
+close 1008 at the token's ``exp``), the abuse limits of :mod:`gateway.limits` (sessions per client
+address at start, sessions per user at CONNECT, the SEND token bucket before each SEND reaches its
+handler: a refused SEND takes its place in the window and is answered, in order, with an ERROR
+``rate limit exceeded`` that keeps the session open, until repeated refusals close it), and closing
+exactly once.
 
 The protocol decisions live in :mod:`gateway.stomp.session`; the routing in :mod:`gateway.hub`.
 Must not import Starlette or the chat domain.
@@ -27,11 +32,18 @@ from collections.abc import Callable
 
 from gateway.broker.base import BrokerUnavailable, Publication
 from gateway.hub import RESUME_HEADER, Hub, InboundMessage, MessageRejected, SessionInfo, SubscriptionDenied
+from gateway.limits import (
+    RATE_LIMIT_MESSAGE,
+    NodeLimits,
+    RefusalMeter,
+    TokenBucket,
+    address_of,
+    create_limits,
+)
 from gateway.settings import Settings
 from gateway.stomp.codec import MessageTemplate
 from gateway.stomp.frames import Frame
 from gateway.stomp.session import (
-    AuthenticationFailed,
     Authenticator,
     CloseRequested,
     Connected,
@@ -55,6 +67,8 @@ from gateway.transport.base import (
 
 log = logging.getLogger(__name__)
 
+TOKEN_EXPIRED = "token expired"
+
 _ids = itertools.count(1)
 _prefix = f"{os.getpid():x}"
 
@@ -64,6 +78,7 @@ def session_config(settings: Settings) -> SessionConfig:
         max_frame_bytes=settings.max_frame_bytes, max_headers=settings.max_headers,
         max_header_line_bytes=settings.max_header_line_bytes, max_subscriptions=settings.max_subscriptions,
         max_transactions=settings.max_transactions, max_transaction_frames=settings.max_transaction_frames,
+        max_transaction_bytes=settings.max_transaction_bytes,
         max_pending_acks=settings.max_pending_acks, heartbeat_send_min_ms=settings.heartbeat_send_min_ms,
         heartbeat_receive_ms=settings.heartbeat_receive_ms, heartbeat_grace=settings.heartbeat_grace,
         app_prefixes=settings.app_prefixes, broker_prefixes=settings.broker_prefixes,
@@ -131,6 +146,16 @@ class StompConnection:
         self._catching_up: dict[str, list[MessageTemplate]] = {}
         self._queue_low = asyncio.Event()   # set by the writer when the queue is under half its limit
         self._refusing = False   # a SEND failed: read nothing more, its ERROR closes the session
+        if hub.limits is None:
+            hub.limits = create_limits(settings)
+        self.limits: NodeLimits = hub.limits
+        self._address = address_of(remote)
+        self._address_counted = False
+        self._user_counted: str | None = None   # counted in limits.sessions (released when the session ends)
+        self._refusals = RefusalMeter(settings.send_rate_close_after)
+        self._bucket: TokenBucket | None = None   # an anonymous session's own SEND budget
+        self._rate_key: str | None = None          # a named user's key in limits.rate
+        self._expires_at: float | None = None      # the credential's expiry, epoch seconds
 
     # --- Connection protocol ----------------------------------------------------------------
 
@@ -142,6 +167,11 @@ class StompConnection:
         self.hub.register(self)
         self._writer_task = asyncio.create_task(self._writer(), name=f"stomp-writer-{self.info.session_id}")
         self._tasks.append(self._writer_task)
+        if not self.limits.addresses.acquire(self._address):
+            limit = self.limits.addresses.limit
+            self._fail(f"Too many connections from this address (limit {limit})", None, code=CLOSE_POLICY)
+            return
+        self._address_counted = True
         self._tasks.append(asyncio.create_task(self._timers(), name=f"stomp-timers-{self.info.session_id}"))
 
     async def receive(self, data: bytes) -> None:
@@ -155,6 +185,8 @@ class StompConnection:
             except Exception:  # a bug in the session: never a traceback on the wire or a dead task
                 log.exception("session %s: internal error receiving data", self.info.session_id)
                 self._fail("Internal server error", None, code=CLOSE_INTERNAL)
+                return
+            if events and isinstance(events[0], Connected) and not await self._count_user(events[0]):
                 return
             self._drain_session()
             for event in events:
@@ -174,6 +206,12 @@ class StompConnection:
         if self._lost:
             return
         self._lost = True
+        if self._address_counted:
+            self._address_counted = False
+            self.limits.addresses.release(self._address)
+        if self._user_counted is not None:
+            user, self._user_counted = self._user_counted, None
+            self.limits.sessions.release(user)
         self._queue_low.set()
         self.session.close()
         current = asyncio.current_task()
@@ -209,15 +247,51 @@ class StompConnection:
 
     # --- event execution -----------------------------------------------------------------------
 
-    def _authenticate_wrapper(self, authenticator: Authenticator | None) -> Authenticator:
-        limit = self.settings.max_sessions_per_user
-
+    @staticmethod
+    def _authenticate_wrapper(authenticator: Authenticator | None) -> Authenticator:
         def authenticate(frame: Frame) -> str | None:
-            user = authenticator(frame) if authenticator is not None else None
-            if limit and user is not None and self.hub.user_sessions.get(user, 0) >= limit:
-                raise AuthenticationFailed(f"Too many sessions for user {user!r} (limit {limit})")
-            return user
+            return authenticator(frame) if authenticator is not None else None
         return authenticate
+
+    async def _count_user(self, event: Connected) -> bool:
+        """Count the new session against its user's limit (cluster-wide with Redis); on refusal the
+        CONNECTED is taken back and the CONNECT answered with an ERROR. True when the session may go on."""
+        limit = self.settings.max_sessions_per_user
+        user = event.user
+        if not limit or user is None:
+            return True
+        if await self.limits.sessions.acquire(user, limit):
+            if self._lost:
+                self.limits.sessions.release(user)
+                return False
+            self._user_counted = user
+            return True
+        log.info("session %s: CONNECT of %r refused: %d sessions (max_sessions_per_user)",
+                 self.info.session_id, user[:64], limit)
+        close = self.session.refuse_connected(f"Too many sessions for user {user!r} (limit {limit})")
+        self._drain_session()
+        self._begin_close(close.code, close.reason)
+        return False
+
+    def _rate_allowed(self) -> bool | None:
+        """The SEND token bucket without waiting (None: ask :meth:`_rate_wait`)."""
+        if self._bucket is not None:
+            return self._bucket.take(self.clock())
+        if self._rate_key is None or self.limits.rate is None:
+            return True
+        return self.limits.rate.try_acquire(self._rate_key)
+
+    async def _rate_wait(self) -> bool:
+        assert self.limits.rate is not None and self._rate_key is not None
+        return await self.limits.rate.acquire(self._rate_key)
+
+    def _rate_refused(self) -> bool:
+        """Count a refused SEND; True when the refusals add up to abuse and the session must close."""
+        close = self._refusals.refuse(self.clock())
+        if close:
+            log.info("session %s (user %r, %s): closed after repeated SENDs over the rate limit",
+                     self.info.session_id, self.info.user, self._address)
+        return close
 
     async def _handle(self, event: Event) -> None:
         try:
@@ -249,6 +323,13 @@ class StompConnection:
             elif isinstance(event, Connected):
                 self.info.user = event.user
                 self.info.version = event.version
+                self._expires_at = event.expires_at
+                if self.settings.send_rate_per_s > 0:
+                    if event.user is None or self.settings.auth == "anonymous" or self.limits.rate is None:
+                        self._bucket = TokenBucket(self.settings.send_rate_per_s, self.settings.send_burst,
+                                                   self.clock())
+                    else:
+                        self._rate_key = "user:" + event.user
                 self._connected = True
                 self._connected_event.set()
                 await self.hub.session_connected(self)
@@ -270,6 +351,15 @@ class StompConnection:
 
     async def _message(self, event: MessageSent) -> None:
         """A SEND straight to a broker destination (application SENDs go through :meth:`_submit`)."""
+        allowed = self._rate_allowed()
+        if allowed is None:
+            allowed = await self._rate_wait()
+        if not allowed:
+            if self._rate_refused():
+                self._fail(RATE_LIMIT_MESSAGE, event.receipt)
+            else:
+                self.session.send_error_keep_open(RATE_LIMIT_MESSAGE, event.receipt)
+            return
         content_type = event.get("content-type")
         await self.hub.publish(Publication(event.destination, event.body, content_type=content_type,
                                            headers=event.custom_headers, origin=self.hub.node_id))
@@ -283,6 +373,20 @@ class StompConnection:
         while len(self._inflight) >= self.settings.send_window and not self._lost:
             await self._wait_head()
         if self._lost or self._refusing:
+            return
+        allowed = self._rate_allowed()
+        if allowed is None:
+            allowed = await self._rate_wait()
+            if self._lost or self._refusing:
+                return
+        if not allowed:
+            # Refused before the handler: nothing is stored. Its ERROR takes the SEND's place in the
+            # window, so every RECEIPT and ERROR still leaves in SEND order.
+            fatal = self._rate_refused()
+            self._inflight.append(_InFlight(None, event.receipt, RATE_LIMIT_MESSAGE, fatal))
+            if fatal:
+                self._refusing = True
+            self._advance()
             return
         future: asyncio.Future[None] | None = None
         error: str | None = None
@@ -508,6 +612,12 @@ class StompConnection:
                 return
             while not self.closed:
                 now = self.clock()
+                if self._expires_at is not None and time.time() >= self._expires_at:
+                    log.info("session %s: token of %r expired, closing", self.info.session_id, self.info.user)
+                    self.session.send_error(TOKEN_EXPIRED)
+                    self._drain_session()
+                    self._begin_close(CLOSE_POLICY, "token expired")
+                    return
                 if self.session.peer_timed_out(now):
                     log.info("session %s: no heart-beat from client, closing", self.info.session_id)
                     self._begin_close(CLOSE_PROTOCOL_ERROR, "Heart-beat timeout")
@@ -519,6 +629,9 @@ class StompConnection:
                     # (otherwise this loop would spin while a send is blocked).
                     self.session.note_sent(now)
                 wait = self.session.next_timer(self.clock())
+                if self._expires_at is not None:
+                    left = self._expires_at - time.time()
+                    wait = left if wait is None else min(wait, left)
                 if wait is None:
                     return
                 await asyncio.sleep(max(wait, 0.01))
