@@ -17,7 +17,10 @@ As a module (tests)::
 As a command (humans): ``deploy/local-cluster start [--nodes N] [--port P] [--detach]``, then
 ``deploy/local-cluster stop`` (or Ctrl-C in the foreground). ``status`` prints the running cluster.
 
-Imports nothing from the gateway (it drives it as separate processes) and nothing from tests/.
+Imports nothing from the gateway (it drives it as separate processes). Its redis-server and gateway
+processes, ports and HTTP checks come from ``tests.support`` (:class:`~tests.support.redis_server.RedisServer`,
+:class:`~tests.support.gateway_process.GatewayProcess`, :mod:`tests.support.net`): one launcher for the
+tests, the benchmarks and this cluster. It runs from a checkout (``python -m deploy.local_cluster``).
 """
 
 from __future__ import annotations
@@ -29,34 +32,27 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from tests.support.gateway_process import GatewayProcess
+from tests.support.net import HOST, free_port, http_request
+from tests.support.redis_server import RedisServer, RedisServerError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NGINX_CONF = REPO_ROOT / "deploy" / "nginx.conf"
-HOST = "127.0.0.1"
 STATE_FILE = Path(tempfile.gettempdir()) / f"chat-gateway-local-cluster-{os.getuid()}.json"
 
 
 class ClusterError(RuntimeError):
     """A process of the cluster did not start, or a tool is missing."""
-
-
-def free_port(host: str = HOST) -> int:
-    """A TCP port that was free a moment ago (bind port 0 and ask the kernel)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def find_executable(name: str, *, install: bool = False, package: str | None = None) -> str:
@@ -76,12 +72,9 @@ def find_executable(name: str, *, install: bool = False, package: str | None = N
 
 
 def http_get(url: str, timeout_s: float = 2.0) -> tuple[int, bytes]:
-    """(status, body) of a GET; (0, b"") when nothing answers."""
+    """(status, body) of a GET (never through a proxy); (0, b"") when nothing answers."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return int(response.status), bytes(response.read())
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), bytes(exc.read())
+        return http_request(url, timeout=timeout_s)
     except (OSError, ValueError):
         return 0, b""
 
@@ -157,25 +150,36 @@ def local_nginx_conf(template: str, *, listen: str, upstreams: Sequence[str], pr
 
 @dataclass(eq=False)
 class Node:
-    """One gateway process."""
+    """One gateway process (a :class:`GatewayProcess` on a fixed port, so a restart keeps it)."""
 
     index: int
     node_id: str
-    port: int
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
+    gateway: GatewayProcess
+    exit_reported: bool = False
+
+    @property
+    def port(self) -> int:
+        return self.gateway.port
+
+    @property
+    def log_path(self) -> Path:
+        return self.gateway.log_path
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return self.gateway.url
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self.gateway.process
 
     @property
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.gateway.running
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
+        return self.gateway.pid
 
 
 def _stop_process(process: subprocess.Popen[bytes] | None, sig: signal.Signals, timeout_s: float) -> None:
@@ -205,7 +209,7 @@ class LocalCluster:
     inherit_gateway_env: bool = True       # False: the nodes ignore GATEWAY_* variables of this process
     startup_timeout_s: float = 30.0
     nodes: list[Node] = field(default_factory=list)
-    _redis: subprocess.Popen[bytes] | None = None
+    _redis: RedisServer | None = None
     _nginx: subprocess.Popen[bytes] | None = None
     _own_workdir: bool = False
     _logs: list[IO[bytes]] = field(default_factory=list)
@@ -252,8 +256,7 @@ class LocalCluster:
             if self.database_url is None:
                 self.database_url = f"sqlite+aiosqlite:///{self.workdir / 'chat.db'}"
             self._migrate()
-            self.nodes = [Node(i, f"node{i + 1}", free_port(), self.workdir / "logs" / f"node{i + 1}.log")
-                          for i in range(self.nodes_count)]
+            self.nodes = [self._node(i) for i in range(self.nodes_count)]
             for node in self.nodes:
                 self._spawn_node(node)
             for node in self.nodes:
@@ -266,30 +269,32 @@ class LocalCluster:
 
     def _start_redis(self, executable: str) -> None:
         assert self.workdir is not None
-        port = free_port()
-        log = self.workdir / "logs" / "redis.log"
-        self._redis = subprocess.Popen(
-            [executable, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--daemonize", "no", "--logfile", str(log)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-            start_new_session=True)
-        self.redis_url = f"redis://{HOST}:{port}/0"
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self._redis.poll() is not None:
-                raise ClusterError(f"redis-server exited: {_tail(log)}")
-            with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return
-            time.sleep(0.05)
-        raise ClusterError(f"redis-server did not answer in {self.startup_timeout_s} s: {_tail(log)}")
+        self._redis = RedisServer(executable=executable, startup_timeout_s=self.startup_timeout_s,
+                                  log_path=self.workdir / "logs" / "redis.log")
+        try:
+            self._redis.start()
+        except RedisServerError as exc:
+            raise ClusterError(str(exc)) from None
+        self.redis_url = self._redis.url
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if not self.inherit_gateway_env:
             env = {k: v for k, v in env.items() if not k.startswith("GATEWAY_")}
         return env
+
+    def _node(self, index: int) -> Node:
+        """Node ``index`` (not started): ``python -m gateway.cli serve`` from this checkout, on a free
+        port, logging to logs/node<N>.log; GATEWAY_* variables of this process only when inherited."""
+        assert self.workdir is not None and self.database_url is not None and self.redis_url is not None
+        node_id = f"node{index + 1}"
+        inherited = {k: v for k, v in os.environ.items() if k.startswith("GATEWAY_")} if self.inherit_gateway_env else {}
+        gateway = GatewayProcess({"host": HOST, "node_id": node_id, "redis_url": self.redis_url,
+                                  "database_url": self.database_url},
+                                 env=inherited, port=free_port(), workdir=self.workdir, migrate=False,
+                                 args=self.gateway_args, launcher=[self.python, "-m", "gateway.cli"],
+                                 cwd=REPO_ROOT, log_path=self.workdir / "logs" / f"{node_id}.log")
+        return Node(index, node_id, gateway)
 
     def _migrate(self) -> None:
         assert self.database_url is not None
@@ -299,26 +304,17 @@ class LocalCluster:
             raise ClusterError(f"chat-gateway migrate failed: {result.stderr[-3000:]}")
 
     def _spawn_node(self, node: Node) -> None:
-        assert self.database_url is not None and self.redis_url is not None
-        log = node.log_path.open("ab")
-        self._logs.append(log)
-        args = [self.python, "-m", "gateway.cli", "serve", "--host", HOST, "--port", str(node.port),
-                "--node-id", node.node_id, "--redis-url", self.redis_url, "--database-url", self.database_url,
-                *self.gateway_args]
-        node.process = subprocess.Popen(args, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True, env=self._child_env())
+        node.exit_reported = False
+        node.gateway.start(wait=False)
 
     def _wait_ready(self, node: Node) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if node.process is None or node.process.poll() is not None:
-                raise ClusterError(f"gateway {node.node_id} exited: {_tail(node.log_path)}")
-            status, _ = http_get(node.url + "/readyz", timeout_s=1.0)
-            if status == 200:
-                return
-            time.sleep(0.05)
-        raise ClusterError(f"gateway {node.node_id} not ready in {self.startup_timeout_s} s: "
-                           f"{_tail(node.log_path)}")
+        try:
+            node.gateway.wait_ready(self.startup_timeout_s)
+        except RuntimeError:
+            raise ClusterError(f"gateway {node.node_id} exited: {_tail(node.log_path)}") from None
+        except TimeoutError:
+            raise ClusterError(f"gateway {node.node_id} not ready in {self.startup_timeout_s} s: "
+                               f"{_tail(node.log_path)}") from None
 
     def _start_nginx(self, executable: str) -> None:
         prefix = self.prefix
@@ -354,11 +350,11 @@ class LocalCluster:
 
     def kill_node(self, index: int) -> None:
         """SIGKILL a node, as a crash would: no QUITs, no drain."""
-        _stop_process(self.nodes[index].process, signal.SIGKILL, 10)
+        self.nodes[index].gateway.kill()
 
     def stop_node(self, index: int, timeout_s: float = 20.0) -> None:
         """SIGTERM a node: it drains its sessions, then exits."""
-        _stop_process(self.nodes[index].process, signal.SIGTERM, timeout_s)
+        self.nodes[index].gateway.stop(timeout_s)
 
     def start_node(self, index: int) -> None:
         """Start a stopped node again, on its port and with its node id."""
@@ -380,12 +376,12 @@ class LocalCluster:
         """Stop everything (nginx, then the nodes in parallel, then Redis) and remove the work dir."""
         _stop_process(self._nginx, signal.SIGQUIT, 10)
         for node in self.nodes:
-            if node.running and node.process is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    node.process.send_signal(signal.SIGTERM)
+            node.gateway.signal(signal.SIGTERM)     # all drain at once
         for node in self.nodes:
-            _stop_process(node.process, signal.SIGTERM, 20)
-        _stop_process(self._redis, signal.SIGTERM, 10)
+            node.gateway.stop(20)
+        if self._redis is not None:
+            self._redis.stop()
+            self._redis.close()
         for log in self._logs:
             log.close()
         self._logs.clear()
@@ -472,10 +468,10 @@ def _run(args: argparse.Namespace) -> int:
         while True:
             time.sleep(1)
             for node in cluster.nodes:
-                if node.process is not None and node.process.poll() is not None and not stopping:
-                    print(f"local-cluster: {node.node_id} exited ({node.process.returncode}); "
+                if node.process is not None and not node.running and not node.exit_reported and not stopping:
+                    print(f"local-cluster: {node.node_id} exited ({node.gateway.returncode}); "
                           f"log: {node.log_path}", file=sys.stderr, flush=True)
-                    node.process = None
+                    node.exit_reported = True
     except KeyboardInterrupt:
         print("local-cluster: stopping", flush=True)
     except ClusterError as exc:

@@ -213,11 +213,14 @@ def test_stop_leaves_no_process_and_no_files() -> None:
     _require("redis-server")
     cluster = LocalCluster(nodes_count=1, inherit_gateway_env=False).start()
     assert cluster.workdir is not None
-    processes = [node.process for node in cluster.nodes] + [cluster._nginx, cluster._redis]
+    processes = [node.process for node in cluster.nodes] + [cluster._nginx]
+    redis = cluster._redis
     workdir, url = cluster.workdir, cluster.url
     assert _readyz(url)["node"] == "node1"
+    assert redis is not None and redis.running
     cluster.stop()
     assert all(p is not None and p.poll() is not None for p in processes)
+    assert not redis.running
     assert not workdir.exists()
     assert http_get(url + "/healthz", timeout_s=1.0)[0] == 0
 

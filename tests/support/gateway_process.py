@@ -9,10 +9,15 @@ multi-node cluster tests::
         ... gw.ws_url, gw.url, gw.port, gw.log_text() ...
         gw.kill()                      # SIGKILL, e.g. a node crash
 
-Every process gets its own working directory (``workdir``, a temp dir by default) holding its log and,
-unless ``database_url`` is given, a fresh SQLite database migrated with ``chat-gateway migrate``
-first. The parent's ``GATEWAY_*`` variables are not inherited: only ``settings`` and ``env`` count.
-:func:`run_cli` runs any other ``chat-gateway`` command and returns its result.
+Every process gets its own working directory (``workdir``, a temp dir by default) holding its log
+(unless ``log_path`` says elsewhere) and, unless ``database_url`` is given, a fresh SQLite database
+migrated with ``chat-gateway migrate`` first. The parent's ``GATEWAY_*`` variables are not inherited:
+only ``settings`` and ``env`` count. :func:`run_cli` runs any other ``chat-gateway`` command and
+returns its result.
+
+This is the one gateway launcher: the tests, the benchmarks (bench/procs.py) and the local cluster
+(deploy/local_cluster.py) start ``chat-gateway serve`` through it; ports come from
+:func:`tests.support.net.free_port`.
 
 Must not import the gateway package (it tests the installed binary from the outside).
 """
@@ -21,40 +26,20 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from tests.support.net import HOST, free_port, http_request
+from tests.support.polling import eventually_sync
+
+__all__ = ["BINARY", "REPO", "WS_PATH", "GatewayProcess", "free_port", "http_request", "run_cli"]
+
 REPO = Path(__file__).resolve().parents[2]
 BINARY = REPO / ".venv" / "bin" / "chat-gateway"
 WS_PATH = "/ws-stomp/websocket"
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (bind port 0, read it, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
-
-
-def http_request(url: str, data: bytes | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
-    """GET (or POST form ``data``) ``url`` directly, ignoring *_proxy variables; (status, body).
-    HTTP error statuses are returned, not raised."""
-    try:
-        with _OPENER.open(url, data=data, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 def _flag_value(value: Any) -> str:
@@ -87,11 +72,11 @@ class GatewayProcess:
     def __init__(self, settings: Mapping[str, Any] | None = None, *, env: Mapping[str, str] | None = None,
                  port: int | None = None, workdir: Path | None = None, migrate: bool | None = None,
                  args: Sequence[str] = (), launcher: Sequence[str] | None = None,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, log_path: Path | None = None) -> None:
         self.settings = dict(settings or {})
         given = self.settings.pop("port", None)
         self.port = port or int(given or 0) or free_port()
-        self.settings.setdefault("host", "127.0.0.1")
+        self.settings.setdefault("host", HOST)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="gateway-")
@@ -108,9 +93,10 @@ class GatewayProcess:
         # runs that checkout's gateway package (the benchmarks' A/B mode).
         self.launcher = list(launcher) if launcher is not None else [str(BINARY)]
         self.cwd = cwd
-        self.log_path = workdir / "gateway.log"
+        self.log_path = log_path or workdir / "gateway.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._terminating = False  # SIGTERM sent: the gateway drains; a second one is not sent
 
     # --- addresses ---------------------------------------------------------------------------
 
@@ -162,26 +148,26 @@ class GatewayProcess:
             if result.returncode != 0:
                 raise RuntimeError(f"chat-gateway migrate failed:\n{result.stdout}{result.stderr}")
         self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
-                                        env=_child_env(self.env), cwd=self.cwd or self.workdir,
-                                        start_new_session=True)
+        self._terminating = False
+        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self._log,
+                                        stderr=subprocess.STDOUT, env=_child_env(self.env),
+                                        cwd=self.cwd or self.workdir, start_new_session=True)
         if wait:
             self.wait_healthy(timeout)
         return self
 
     def wait_healthy(self, timeout: float = 30.0, path: str = "/healthz") -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        """Wait until ``path`` answers 200; RuntimeError if the process exits first, TimeoutError
+        after ``timeout`` (both carry the log)."""
+        def answers() -> bool:
             if not self.running:
                 raise RuntimeError(f"gateway exited with {self.returncode} before serving:\n{self.log_text()}")
-            try:
-                if http_request(self.url + path, timeout=2)[0] == 200:
-                    return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"gateway did not answer {path} within {timeout} s:\n{self.log_text()}")
-            time.sleep(0.05)
+            return http_request(self.url + path, timeout=2)[0] == 200
+        try:
+            eventually_sync(answers, f"{path} answers 200", timeout_s=timeout, interval_s=0.05,
+                            ignoring=(OSError,))
+        except AssertionError:
+            raise TimeoutError(f"gateway did not answer {path} within {timeout} s:\n{self.log_text()}") from None
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait for ``/readyz`` 200 (broker connected, startup done)."""
@@ -191,13 +177,15 @@ class GatewayProcess:
         if self.running:
             assert self.process is not None
             self.process.send_signal(signum)
+            self._terminating = self._terminating or signum == signal.SIGTERM
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM (graceful drain), then SIGKILL after ``timeout``; returns the exit code."""
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            if not self._terminating:
+                self.signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -13,7 +13,8 @@ Usage::
         server.command("CLIENT", "KILL", "TYPE", "pubsub")
 
 If ``redis-server`` is not installed, :meth:`RedisServer.start` raises :class:`RedisServerMissing`
-(``make test`` installs it). Imports nothing from the gateway.
+(``make test`` installs it). This is the one redis-server launcher: the tests, the benchmarks and the
+local cluster (deploy/local_cluster.py) use it. Imports nothing from the gateway.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-HOST = "127.0.0.1"
+from tests.support.net import HOST, free_port
+
+__all__ = ["HOST", "RedisServer", "RedisServerError", "RedisServerMissing", "Reply", "free_port",
+           "redis_server"]
 
 
 class RedisServerMissing(RuntimeError):
@@ -40,13 +44,6 @@ class RedisServerMissing(RuntimeError):
 
 class RedisServerError(RuntimeError):
     """redis-server did not start or did not answer in time."""
-
-
-def free_port(host: str = HOST) -> int:
-    """A TCP port that was free a moment ago (bind port 0 and ask the kernel)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _encode_command(args: tuple[str | bytes, ...]) -> bytes:
@@ -61,13 +58,15 @@ class RedisServer:
     """One redis-server child process (see the module docstring)."""
 
     def __init__(self, port: int | None = None, *, executable: str | None = None,
-                 startup_timeout_s: float = 10.0, extra_args: tuple[str, ...] = ()) -> None:
+                 startup_timeout_s: float = 10.0, extra_args: tuple[str, ...] = (),
+                 log_path: Path | None = None) -> None:
         self.host = HOST
         self._fixed_port = port is not None
         self._port = port
         self._executable = executable
         self.startup_timeout_s = startup_timeout_s
         self.extra_args = extra_args
+        self._log_path = log_path  # default: redis.log in the server's temporary directory
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
         self.starts = 0
@@ -83,6 +82,17 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def workdir(self) -> str:
+        """The server's temporary working directory (created on first use, removed by close())."""
+        if self._workdir is None:
+            self._workdir = tempfile.TemporaryDirectory(prefix="redis-test-")
+        return self._workdir.name
+
+    @property
+    def log_path(self) -> Path:
+        return self._log_path or Path(self.workdir) / "redis.log"
 
     @property
     def running(self) -> bool:
@@ -103,8 +113,6 @@ class RedisServer:
             raise RedisServerMissing(
                 "redis-server is not installed (not on PATH); `make test` installs it, "
                 "or run: apt-get install redis-server")
-        if self._workdir is None:
-            self._workdir = tempfile.TemporaryDirectory(prefix="redis-test-")
         attempts = 1 if (self._fixed_port or self.starts) else 5
         for attempt in range(attempts):
             if self._port is None or (attempt and not self._fixed_port):
@@ -115,13 +123,14 @@ class RedisServer:
         raise RedisServerError(f"redis-server did not start: {self._log_tail()}")
 
     def _spawn(self, executable: str) -> bool:
-        assert self._workdir is not None
-        log_path = Path(self._workdir.name) / "redis.log"
+        log_path = self.log_path
         args = [executable, "--port", str(self.port), "--bind", self.host, "--save", "",
-                "--appendonly", "no", "--dir", self._workdir.name, "--daemonize", "no",
+                "--appendonly", "no", "--dir", self.workdir, "--daemonize", "no",
                 "--logfile", str(log_path), *self.extra_args]
+        # Its own session: a Ctrl-C meant for the parent (e.g. the local cluster in a terminal) must
+        # not stop Redis before the gateways have drained.
         self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.STDOUT, cwd=self._workdir.name)
+                                         stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -135,11 +144,10 @@ class RedisServer:
                                f"{self._log_tail()}")
 
     def _log_tail(self) -> str:
-        if self._workdir is None:
+        if self._workdir is None and self._log_path is None:
             return "(no log)"
-        log_path = Path(self._workdir.name) / "redis.log"
         try:
-            return log_path.read_text(errors="replace")[-2000:]
+            return self.log_path.read_text(errors="replace")[-2000:]
         except OSError:
             return "(no log)"
 
