@@ -55,7 +55,7 @@ async def eventually(condition: Callable[[], T | Awaitable[T]], what: str, *,
             error, last = exc, _NOT_CALLED
         else:
             if result:
-                return result  # type: ignore[return-value]
+                return result
             last = result
         if time.monotonic() > deadline:
             raise _timed_out(what, timeout_s, last, error)
