@@ -31,7 +31,8 @@ import asyncpg  # type: ignore[import-untyped]
 
 from tests.support import postgres
 from tests.support.gateway_process import GatewayProcess
-from tests.support.redis_server import RedisServer, RedisServerMissing, free_port
+from tests.support.net import free_port
+from tests.support.redis_server import RedisServer, RedisServerMissing
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
