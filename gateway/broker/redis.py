@@ -414,11 +414,12 @@ class RedisBroker:
         client, pool = self._client, self._pool
         self._client = self._pool = None
         self._publish_address = None
-        with contextlib.suppress(Exception):
-            if client is not None:
-                await client.aclose()
-            if pool is not None:
-                await pool.disconnect()
+        with contextlib.suppress(Exception):  # TimeoutError included: closing must not hang a shutdown
+            async with asyncio.timeout(self.timeout_s):
+                if client is not None:
+                    await client.aclose()
+                if pool is not None:
+                    await pool.disconnect()
 
     # --- connections -------------------------------------------------------------------------------
 

@@ -198,6 +198,19 @@ async def test_ssubscribe_on_a_stale_slot_map_follows_moved(nodes: Nodes) -> Non
     finally:
         nodes.cluster.migrate_slot(slot, source)
 
+async def test_planned_switch_over_moves_subscriptions_with_a_gap(nodes: Nodes) -> None:
+    """CLUSTER FAILOVER with both alive: the demoted primary pushes sunsubscribe, the node follows."""
+    primaries = nodes.cluster.primaries()
+    node = await nodes.node()
+    room_id, destination = nodes.room_on(primaries[1])
+    await node.broker.subscribe(destination)
+    promoted = nodes.cluster.switch_over(primaries[1])
+    await node.wait_for(lambda: node.gaps == [frozenset({destination})] and node.broker.healthy,
+                        "the gap and healthy again")
+    assert f"127.0.0.1:{promoted.port}" in broker(node).links()
+    await node.broker.publish(Publication(destination, chat(room_id, "after")))
+    await node.wait_for(lambda: node.bodies(destination) == [chat(room_id, "after")], "the publication")
+
 async def test_failover_moves_subscriptions_to_the_promoted_replica_with_a_gap(nodes: Nodes) -> None:
     """Last in the module: it kills a primary (SIGKILL, then CLUSTER FAILOVER FORCE on its replica)."""
     primaries = nodes.cluster.primaries()

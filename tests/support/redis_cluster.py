@@ -6,7 +6,8 @@ Owns: starting them, waiting until they are usable, and the faults the tests inj
   temporary directories, joined with ``redis-cli --cluster create … --cluster-replicas 1
   --cluster-yes``). :meth:`~RedisClusterProcesses.fail_over` SIGKILLs a primary and waits until its
   replica owns its slots (``CLUSTER FAILOVER FORCE`` on the replica, with a short
-  ``cluster-node-timeout`` as the fallback); :meth:`~RedisClusterProcesses.migrate_slot` moves one
+  ``cluster-node-timeout`` as the fallback); :meth:`~RedisClusterProcesses.switch_over` is the planned
+  ``CLUSTER FAILOVER`` with both alive; :meth:`~RedisClusterProcesses.migrate_slot` moves one
   slot with the ``CLUSTER SETSLOT … IMPORTING/MIGRATING/NODE`` steps ``redis-cli --cluster reshard``
   uses, so a test can choose the slot.
 - :class:`RedisSentinelGroup`: 1 primary, 1 replica and 3 Sentinels (``redis-server <conf>
@@ -233,6 +234,19 @@ class RedisClusterProcesses:
             return False
 
         _wait(f"replica {replica.port} to be promoted", promoted, timeout_s)
+        self.wait_stable(timeout_s)
+        return replica
+
+    def switch_over(self, primary: RedisServer, timeout_s: float = 60.0) -> RedisServer:
+        """``CLUSTER FAILOVER`` on ``primary``'s replica (both alive: a planned switch-over); returns it."""
+        replica = self.replica_of(primary)
+        replica.command("CLUSTER", "FAILOVER")
+
+        def promoted() -> bool:
+            role = replica.command("ROLE")
+            return isinstance(role, list) and bool(role) and role[0] == b"master"
+
+        _wait(f"replica {replica.port} to take over", promoted, timeout_s)
         self.wait_stable(timeout_s)
         return replica
 
