@@ -251,6 +251,7 @@ class RedisBroker:
         else:
             self._make_pool(None)
         for shard in list(self._shards.values()):
+            shard.down = False
             self._start_shard(shard)
         await self._wait(lambda: self.healthy, self.timeout_s)
         if not self.healthy:
