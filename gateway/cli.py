@@ -1,7 +1,7 @@
 """The ``chat-gateway`` command: ``serve``, ``migrate``, ``downgrade``, ``settings``, ``check``, ``--version``.
 
 Owns: argument parsing, turning invalid settings into a one-line error (exit 2), running uvicorn
-with a drain step before uvicorn closes the WebSockets (uvicorn would close them with 1012 before
+(with :mod:`gateway.http_guard`'s request deadline and connection cap) with a drain step before uvicorn closes the WebSockets (uvicorn would close them with 1012 before
 the app could say anything), and ``check``: a readable report on the configuration (``GATEWAY_*``
 typos, invalid values) and on connectivity (database reachable, schema at the Alembic head, Redis
 reachable and new enough, the chat pages' files), each connectivity check bounded by ``--timeout-s``;
@@ -121,9 +121,16 @@ def serve(settings: Settings, overrides: dict[str, str | None]) -> int:
         if value is not None:
             os.environ[env_name(name)] = value
     os.environ[env_name("node_id")] = settings.node_id if settings.workers == 1 else ""
+    from gateway.http_guard import Gate, connection_cap, install_gate, raise_fd_limit
+
+    # Unfinished requests are closed after http_request_timeout_s and connections past the cap are
+    # refused on accept (gateway.http_guard says why uvicorn's own options do not do it).
+    soft_limit = raise_fd_limit()
+    install_gate(Gate(settings.http_request_timeout_s, connection_cap(settings, soft_limit)))
     config_kwargs: dict[str, Any] = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
                                          proxy_headers=True, ws_max_size=max(settings.max_frame_bytes * 2, 1 << 20),
-                                         timeout_graceful_shutdown=settings.drain_timeout_s + 5)
+                                         timeout_graceful_shutdown=settings.drain_timeout_s + 5,
+                                         http="gateway.http_guard:GuardedHttpProtocol")
     if settings.workers > 1:
         uvicorn.run("gateway.app:app_from_env", factory=True, workers=settings.workers, **config_kwargs)
         return 0

@@ -30,7 +30,12 @@ from gateway.transport.sockjs.headers import (
     remote_of,
     respond,
 )
-from gateway.transport.sockjs.registry import RegistryClosing, SessionRegistry
+from gateway.transport.sockjs.registry import (
+    CLOSE_TOO_MANY_SESSIONS,
+    RegistryClosing,
+    RegistryFull,
+    SessionRegistry,
+)
 from gateway.transport.sockjs.session import Receiver, SockJSSession
 
 
@@ -77,6 +82,17 @@ async def _write_frames(session: SockJSSession, receiver: Receiver, transport: R
             return
 
 
+async def _prelude(send: Any, scope: Scope, transport: ReceivingTransport, callback: str | None) -> None:
+    await send({"type": "http.response.start", "status": 200,
+                "headers": _session_headers(scope, transport.content_type)})
+    if transport is XHR_STREAMING:
+        await _body_chunk(send, protocol.XHR_STREAMING_PRELUDE)
+    elif transport is EVENTSOURCE:
+        await _body_chunk(send, protocol.EVENTSOURCE_PRELUDE)
+    elif transport is HTMLFILE:
+        await _body_chunk(send, protocol.htmlfile_prelude(callback or ""))
+
+
 async def serve_receiver(registry: SessionRegistry, transport: ReceivingTransport, session_id: str,
                          scope: Scope, receive: Any, send: Any, *, callback: str | None = None) -> None:
     """Answer one receiving request, creating the session if ``session_id`` is new.
@@ -88,14 +104,12 @@ async def serve_receiver(registry: SessionRegistry, transport: ReceivingTranspor
     except RegistryClosing:
         await respond(send, 503, [NO_CACHE, *cors_headers(scope)], b"Server is shutting down.", TEXT_PLAIN)
         return
-    await send({"type": "http.response.start", "status": 200,
-                "headers": _session_headers(scope, transport.content_type)})
-    if transport is XHR_STREAMING:
-        await _body_chunk(send, protocol.XHR_STREAMING_PRELUDE)
-    elif transport is EVENTSOURCE:
-        await _body_chunk(send, protocol.EVENTSOURCE_PRELUDE)
-    elif transport is HTMLFILE:
-        await _body_chunk(send, protocol.htmlfile_prelude(callback or ""))
+    except RegistryFull:
+        # The node is full: the client's SockJS session closes with 1013 (try again later).
+        await _prelude(send, scope, transport, callback)
+        await _body_chunk(send, transport.fmt(protocol.close_frame(*CLOSE_TOO_MANY_SESSIONS)), more=False)
+        return
+    await _prelude(send, scope, transport, callback)
     attached = await session.attach_when_free()
     if isinstance(attached, str):
         await _body_chunk(send, transport.fmt(attached), more=False)

@@ -2,7 +2,9 @@
 
 Owns: :class:`SessionRegistry`: finding or creating HTTP sessions by id, tracking websocket sessions
 (which are not addressable by id: SockJS allows a websocket to reuse an id), the background tasks
-sessions spawn, and :meth:`SessionRegistry.close_all` for draining.
+sessions spawn, :meth:`SessionRegistry.close_all` for draining, and the cap on sessions per node
+(``sockjs_max_sessions``: a new session past it raises :class:`RegistryFull`; the first refusal of an
+episode logs one warning).
 
 Sessions live in this process's memory only, so HTTP transports need sticky routing across nodes.
 
@@ -28,6 +30,14 @@ class RegistryClosing(RuntimeError):
     """The registry is draining (``close_all`` ran): no new sessions."""
 
 
+class RegistryFull(RuntimeError):
+    """The node holds ``sockjs_max_sessions`` SockJS sessions: no new ones until some end."""
+
+
+#: The close a refused new session gets: 1013 "try again later".
+CLOSE_TOO_MANY_SESSIONS = (1013, "Too many SockJS sessions")
+
+
 class SessionRegistry:
     """Every live SockJS session of this process."""
 
@@ -38,6 +48,7 @@ class SessionRegistry:
         self._websockets: set[SockJSSession] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.closing = False
+        self._refusing = False   # in a refusal episode (logged once)
 
     # --- lookup and creation --------------------------------------------------------------------
 
@@ -57,6 +68,7 @@ class SessionRegistry:
             return session
         if self.closing:
             raise RegistryClosing(session_id)
+        self._check_room(remote)
         session = SockJSSession(session_id, settings=self.settings, owner=self,
                                 connection_factory=self.connection_factory,
                                 transport=f"sockjs-{transport}", remote=remote)
@@ -72,6 +84,7 @@ class SessionRegistry:
         """A new session for one websocket; the caller ends it with ``terminate`` and ``forget``."""
         if self.closing:
             raise RegistryClosing(session_id)
+        self._check_room(remote)
         session = SockJSSession(session_id, settings=self.settings, owner=self,
                                 connection_factory=self.connection_factory,
                                 transport="sockjs-websocket", remote=remote, websocket=True)
@@ -82,6 +95,19 @@ class SessionRegistry:
             self.forget(session)
             raise
         return session
+
+    def _check_room(self, remote: str) -> None:
+        limit = self.settings.sockjs_max_sessions
+        if not limit:
+            return
+        if len(self) < limit:
+            self._refusing = False
+            return
+        if not self._refusing:
+            self._refusing = True
+            logger.warning("refusing new SockJS sessions: %d open, limit %d (sockjs_max_sessions); first "
+                           "refused from %s", len(self), limit, remote)
+        raise RegistryFull(remote)
 
     # --- SessionOwner ---------------------------------------------------------------------------
 

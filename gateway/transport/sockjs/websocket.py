@@ -19,7 +19,12 @@ from typing import Any
 from gateway.transport.base import CLOSE_INVALID_DATA, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TOO_BIG
 from gateway.transport.sockjs import protocol
 from gateway.transport.sockjs.headers import Scope, remote_of
-from gateway.transport.sockjs.registry import RegistryClosing, SessionRegistry
+from gateway.transport.sockjs.registry import (
+    CLOSE_TOO_MANY_SESSIONS,
+    RegistryClosing,
+    RegistryFull,
+    SessionRegistry,
+)
 from gateway.transport.sockjs.session import Receiver, SockJSSession
 
 logger = logging.getLogger(__name__)
@@ -111,6 +116,10 @@ async def serve_websocket(registry: SessionRegistry, session_id: str, scope: Sco
         session = await registry.open_websocket(session_id, remote=remote_of(scope))
     except RegistryClosing:
         await channel.close(1012, "Server is shutting down")
+        return
+    except RegistryFull:
+        await channel.send_text(protocol.close_frame(*CLOSE_TOO_MANY_SESSIONS))
+        await channel.close(*CLOSE_TOO_MANY_SESSIONS)
         return
     attached = session.attach()
     assert isinstance(attached, Receiver)
