@@ -1,7 +1,11 @@
 """Authenticators for STOMP CONNECT frames (the pluggable authentication hook).
 
 Owns: turning CONNECT credentials into a user name or an :class:`AuthenticationFailed`.
-- ``anonymous`` (embedded default): the user is the ``login`` header when given, else anonymous.
+- ``anonymous`` (embedded default): the user is the ``login`` header when given, else anonymous. A
+  login that claims a reserved name (the system sender ``[알림]``, or a login of the ``users``
+  setting) is refused at CONNECT with ``Authentication failed: the name '...' is reserved``; names
+  are compared after Unicode NFKC normalisation, case folding and whitespace trimming, so look-alikes
+  such as ``[알림] `` or ``ALICE`` are refused too (:func:`is_reserved_name`).
 - ``users``: login/passcode pairs from the ``users`` setting; a wrong or missing passcode fails.
 - ``jwt``: see :mod:`gateway.jwt_auth` (Spring's jjwt tokens in ``token`` or ``Authorization``).
 
@@ -13,6 +17,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import unicodedata
+from collections.abc import Iterable
 
 from gateway.settings import Settings
 from gateway.stomp.frames import Frame
@@ -21,9 +27,36 @@ from gateway.stomp.session import AuthenticationFailed, Authenticator
 log = logging.getLogger(__name__)
 
 
-def anonymous_authenticator(frame: Frame) -> str | None:
+SYSTEM_SENDER_NAME = "[알림]"
+"""The sender of the chat's system messages (gateway.chat.payload.SYSTEM_SENDER; a test keeps them equal)."""
+
+
+def _canonical(name: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
+
+
+def is_reserved_name(name: str, users: Iterable[str] = ()) -> bool:
+    """Whether an unauthenticated client may not call itself ``name``: the system sender, or a login
+    of the ``users`` setting, compared after NFKC normalisation, case folding and whitespace trimming."""
+    canonical = _canonical(name)
+    return canonical == _canonical(SYSTEM_SENDER_NAME) or any(canonical == _canonical(user) for user in users)
+
+
+def anonymous_authenticator(frame: Frame, reserved_users: Iterable[str] = ()) -> str | None:
     login = frame.get("login")
+    if login and is_reserved_name(login, reserved_users):
+        log.info("anonymous CONNECT claiming the reserved name %r refused", login[:64])
+        raise AuthenticationFailed(f"Authentication failed: the name {login[:64]!r} is reserved")
     return login or None
+
+
+def reserving_anonymous_authenticator(users: tuple[str, ...]) -> Authenticator:
+    """The anonymous authenticator that also refuses the logins of the ``users`` setting."""
+    reserved = tuple(pair.partition(":")[0] for pair in users)
+
+    def authenticate(frame: Frame) -> str | None:
+        return anonymous_authenticator(frame, reserved)
+    return authenticate
 
 
 def users_authenticator(pairs: tuple[str, ...]) -> Authenticator:
@@ -49,4 +82,4 @@ def create_authenticator(settings: Settings) -> Authenticator:
     if settings.auth == "jwt":
         from gateway.jwt_auth import jwt_authenticator
         return jwt_authenticator(settings.jwt_secret)
-    return anonymous_authenticator
+    return reserving_anonymous_authenticator(settings.users)

@@ -25,7 +25,8 @@ Login rules per ``auth`` setting (tokens are never minted for someone who did no
 - ``anonymous``: ``/chat/user`` names a guest (``guest-xxxxxxxx``), kept stable per browser by the
   ``chat_guest`` cookie; the token is empty. The page sends the name as the CONNECT ``login``.
 - ``users``: ``/chat/user`` answers 401; the page asks login/passcode, may check them with
-  ``/chat/login`` (answers LoginInfo with an empty token) and sends them in CONNECT.
+  ``/chat/login`` (answers LoginInfo with an empty token and sets the HttpOnly ``chat_session``
+  cookie the REST routes need, see gateway.authz) and sends them in CONNECT.
 - ``jwt``: ``/chat/login`` checks login/passcode against ``users`` and answers LoginInfo with a token
   from :func:`gateway.jwt_auth.mint_token`; the same token goes into the HttpOnly ``chat_session``
   cookie, so a later ``/chat/user`` (any node: they share ``jwt_secret``) verifies it and answers a
@@ -55,6 +56,7 @@ from starlette.staticfiles import StaticFiles
 
 from gateway import resource_dir, source_root
 from gateway.auth import users_authenticator
+from gateway.authz import session_token, user_name
 from gateway.settings import Settings
 from gateway.stomp.frames import Frame
 from gateway.stomp.session import AuthenticationFailed
@@ -235,7 +237,7 @@ class Pages:
         if self._check_users is None:
             return None
         try:
-            return self._check_users(Frame("CONNECT", (("login", login), ("passcode", passcode))))
+            return user_name(self._check_users(Frame("CONNECT", (("login", login), ("passcode", passcode)))))
         except AuthenticationFailed:
             return None
 
@@ -293,7 +295,11 @@ class Pages:
             response = _no_store(JSONResponse(login_info(name, token, auth)))
             self._set_session(request, response, token)
             return response
-        return _no_store(JSONResponse(login_info(name, "", auth)))
+        # users: no token for CONNECT (the page sends login/passcode), but the REST calls need the
+        # session cookie (gateway.authz.rest_user), signed with the users-mode session key.
+        response = _no_store(JSONResponse(login_info(name, "", auth)))
+        self._set_session(request, response, session_token(name, self.settings, ttl_s=TOKEN_TTL_S))
+        return response
 
     async def logout(self, request: Request) -> Response:
         if not self._same_site(request):

@@ -170,6 +170,17 @@ class Settings:
                                       parse=_parse_list)
     jwt_secret: str = _setting("", "For auth=jwt: the HS256 secret, Base64 as jjwt 0.9 reads it.")
 
+    # --- authorization (docs/security.md) --------------------------------------------------------
+    authz_policy: str = _setting(
+        "open", "Who may subscribe to, send to and read which room: 'open' (anyone, as Spring), 'members' "
+        "(only a room's members; needs auth=users or jwt) or 'package.module:function', an async hook.")
+    authz_room_wildcards: bool = _setting(
+        False, "With authz_policy=open: allow pattern subscriptions (*, **, ?, {id}) that can match room "
+        "destinations, as Spring does. Refused otherwise; 'members' always refuses them.", parse=_parse_bool)
+    authz_cache_ttl_s: float = _setting(
+        5.0, "Seconds a session's cached access decision is trusted: a membership change made on another "
+        "node takes effect there within this (on the node that made it, at once).")
+
     # --- chat domain ---------------------------------------------------------------------------
     chat_message_destination: str = _setting("/pub/chat/message", "Where clients SEND ChatMessages.")
     chat_room_prefix: str = _setting("/sub/chat/room/", "Destination prefix of room topics.")
@@ -257,6 +268,19 @@ class Settings:
                                  validate=True)
             except (binascii.Error, ValueError):
                 raise SettingsError("jwt_secret must be Base64 (jjwt 0.9 reads String secrets as Base64)") from None
+        if self.authz_cache_ttl_s <= 0:
+            raise SettingsError(f"authz_cache_ttl_s must be positive (got {self.authz_cache_ttl_s})")
+        if self.authz_policy not in {"open", "members"}:
+            module, _, function = self.authz_policy.partition(":")
+            if not module or not function.isidentifier():
+                raise SettingsError(f"authz_policy must be open, members or package.module:function "
+                                    f"(got {self.authz_policy!r})")
+        if self.authz_policy == "members" and self.auth == "anonymous":
+            raise SettingsError("authz_policy=members needs authenticated users (auth=users or jwt): with "
+                                "auth=anonymous anyone can claim a member's name")
+        if self.authz_policy != "open" and self.allow_client_broker_send:
+            raise SettingsError("allow_client_broker_send would let clients publish to rooms past the "
+                                f"authz_policy {self.authz_policy!r}: use it only with authz_policy=open")
         if self.redis_payload not in {"spring", "envelope"}:
             raise SettingsError(f"redis_payload must be spring or envelope (got {self.redis_payload!r})")
         if self.redis_channel_mode not in {"room", "single"}:

@@ -194,7 +194,8 @@ def test_users_mode_checks_login_and_passcode_and_mints_no_token(database: str) 
         good = client.post("/chat/login", data={"login": "alice", "passcode": "wonderland"})
         assert good.status_code == 200
         assert good.json() == {"name": "alice", "token": "", "auth": "users"}
-        assert "set-cookie" not in good.headers
+        # No token for CONNECT, but the HttpOnly session cookie the REST routes need (issue 10).
+        assert "chat_session=" in good.headers["set-cookie"] and "HttpOnly" in good.headers["set-cookie"]
 
 
 def test_overlong_login_fields_are_refused_before_checking(database: str) -> None:

@@ -77,6 +77,7 @@ def chat_component(gateway: Gateway) -> Sequence[BaseRoute]:
             sequencer.forget(room_id)
 
     hub.resume_handler = service.resume
+    hub.authorize_subscribe.append(service.authorize_subscribe)
     hub.interceptors.append(sequencer.intercept)
     hub.gap_listeners.append(sequencer.on_gap)
     hub.on_broker_subscribed.append(track_room)

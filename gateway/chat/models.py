@@ -1,8 +1,8 @@
 """The chat storage model: the SQLAlchemy tables and the plain values the repository hands out.
 
-Owns the schema of ``rooms`` and ``messages`` (the Alembic migrations in ``alembic/versions`` must
-produce exactly this metadata; a test compares them) and the immutable value types ``Room``,
-``NewMessage``, ``StoredMessage`` and ``SaveResult``.
+Owns the schema of ``rooms``, ``messages`` and ``room_members`` (the Alembic migrations in
+``alembic/versions`` must produce exactly this metadata; a test compares them) and the immutable
+value types ``Room``, ``NewMessage``, ``StoredMessage`` and ``SaveResult``.
 
 Schema notes:
 
@@ -10,7 +10,11 @@ Schema notes:
   inserts the messages, holding the row lock (PostgreSQL) or the database write lock (SQLite) until
   commit, so sequence numbers are gap-free and strictly increasing per room across all nodes.
 * ``messages`` has a unique ``(room_id, seq)`` (the safety net for the counter) and a partial unique
-  index on ``(room_id, client_msg_id)`` where ``client_msg_id`` is not null (retried SENDs dedupe).
+  index on ``(room_id, sender, client_msg_id)`` where ``client_msg_id`` is not null: a retried SEND
+  dedupes, and a client message id is scoped to its sender, so nobody can suppress another person's
+  message by reusing its id (migration 0002; 0001 had ``(room_id, client_msg_id)``).
+* ``room_members`` lists who belongs to a room (the ``members`` authorization policy, gateway.authz):
+  one row per (room, user name), deleted with the room.
 * Timestamps are stored in UTC and always come back timezone-aware (UTC), on SQLite too.
 
 This module imports only SQLAlchemy and the standard library; nothing from the rest of the gateway.
@@ -101,13 +105,27 @@ messages = sa.Table(
 )
 
 sa.Index(
-    "uq_messages_room_client_msg_id",
+    "uq_messages_room_sender_client_msg_id",
     messages.c.room_id,
+    messages.c.sender,
     messages.c.client_msg_id,
     unique=True,
     sqlite_where=messages.c.client_msg_id.isnot(None),
     postgresql_where=messages.c.client_msg_id.isnot(None),
 )
+
+room_members = sa.Table(
+    "room_members",
+    metadata,
+    sa.Column("room_id", sa.String(ROOM_ID_LENGTH),
+              sa.ForeignKey("rooms.room_id", name="fk_room_members_room_id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("user_name", sa.String(), primary_key=True),
+    sa.Column("added_at", UTCDateTime(), nullable=False),
+)
+
+# "Which rooms is this user in" (GET /chat/rooms under the members policy).
+sa.Index("ix_room_members_user_name", room_members.c.user_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +141,9 @@ class Room:
 class NewMessage:
     """A message to persist. ``seq``, ``id`` and (unless given) ``created_at`` are assigned on insert.
 
-    ``client_msg_id``, when set, makes the save idempotent within the room: saving the same id again
-    returns the first stored row instead of inserting a new one.
+    ``client_msg_id``, when set, makes the save idempotent per (room, sender): saving the same id for
+    the same sender again returns the first stored row instead of inserting a new one; another
+    sender's message with the same id is a different message.
     """
 
     room_id: str
@@ -167,8 +186,8 @@ class StoredMessage:
 class SaveResult:
     """The outcome of saving one :class:`NewMessage`.
 
-    ``duplicate`` is true when the message's ``client_msg_id`` was already stored in its room: then
-    ``message`` is the ORIGINAL row and nothing new was inserted.
+    ``duplicate`` is true when the message's ``client_msg_id`` was already stored in its room for its
+    sender: then ``message`` is the ORIGINAL row and nothing new was inserted.
     """
 
     message: StoredMessage

@@ -10,7 +10,8 @@ opened on each backend:
   so the write lock is taken up front (no deadlock between two deferred readers upgrading), on
   PostgreSQL a plain transaction in which the room counter rows are locked ``FOR NO KEY UPDATE``.
 * Sequence numbers come from ``rooms.last_seq``. A batch is saved set-based, in a fixed number of
-  statements however many rooms it touches: one lookup of all its client message ids, one statement
+  statements however many rooms it touches: one lookup of all its client message ids (keyed by
+  room, sender and id: a client message id is scoped to its sender), one statement
   that locks every room getting new rows (on PostgreSQL in sorted ``room_id`` order, so two nodes
   writing overlapping rooms cannot deadlock; on SQLite the write lock already serialises writers),
   advances each counter by the room's number of new rows and returns the new values, and one INSERT
@@ -35,7 +36,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -46,6 +47,7 @@ from gateway.chat.models import (
     SaveResult,
     StoredMessage,
     messages,
+    room_members,
     rooms,
 )
 
@@ -60,8 +62,8 @@ _SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
 #: SQLite's default SQLITE_MAX_VARIABLE_NUMBER (since 3.32): bind parameters per statement.
 SQLITE_MAX_BINDS = 32766
 
-# The unique index that makes client message ids idempotent (see gateway.chat.models).
-_CLIENT_ID_INDEX = "uq_messages_room_client_msg_id"
+# The unique index that makes client message ids idempotent per sender (see gateway.chat.models).
+_CLIENT_ID_INDEX = "uq_messages_room_sender_client_msg_id"
 _HEADS_CHUNK = 500  # room ids per last_seqs query, well under every bind limit
 
 
@@ -239,11 +241,13 @@ _COLUMNS = ", ".join(f"m.{column.name}" for column in messages.c)
 _TEXTS = postgresql.ARRAY(sa.String())
 
 _PG_LOOKUP = sa.text(
-    f"SELECT {_COLUMNS} FROM unnest(:room_ids, :client_msg_ids) AS wanted(room_id, client_msg_id) "
-    "JOIN messages AS m ON m.room_id = wanted.room_id AND m.client_msg_id = wanted.client_msg_id "
+    f"SELECT {_COLUMNS} FROM unnest(:room_ids, :senders, :client_msg_ids) "
+    "AS wanted(room_id, sender, client_msg_id) "
+    "JOIN messages AS m ON m.room_id = wanted.room_id AND m.sender = wanted.sender "
+    "AND m.client_msg_id = wanted.client_msg_id "
     "WHERE m.client_msg_id IS NOT NULL"
-).bindparams(sa.bindparam("room_ids", type_=_TEXTS), sa.bindparam("client_msg_ids", type_=_TEXTS)
-             ).columns(*messages.c)
+).bindparams(sa.bindparam("room_ids", type_=_TEXTS), sa.bindparam("senders", type_=_TEXTS),
+             sa.bindparam("client_msg_ids", type_=_TEXTS)).columns(*messages.c)
 
 # The CTE takes the row locks in room_id order (LockRows locks each row as it comes out of the Sort or
 # of the primary-key index scan, which walks an ``= ANY`` array in index order), so two transactions
@@ -272,9 +276,10 @@ def _chunks(values: Sequence[_T], size: int) -> Iterable[Sequence[_T]]:
         yield values[start:start + size]
 
 
-async def _lookup_postgres(conn: AsyncConnection, pairs: Sequence[tuple[str, str]]) -> Sequence[Any]:
-    result = await conn.execute(_PG_LOOKUP, {"room_ids": [room for room, _ in pairs],
-                                             "client_msg_ids": [cid for _, cid in pairs]})
+async def _lookup_postgres(conn: AsyncConnection, keys: Sequence[tuple[str, str, str]]) -> Sequence[Any]:
+    result = await conn.execute(_PG_LOOKUP, {"room_ids": [room for room, _, _ in keys],
+                                             "senders": [sender for _, sender, _ in keys],
+                                             "client_msg_ids": [cid for _, _, cid in keys]})
     return result.all()
 
 
@@ -292,12 +297,13 @@ async def _insert_postgres(conn: AsyncConnection, rows: Sequence[dict[str, Any]]
 
 @lru_cache(maxsize=64)
 def _sqlite_lookup(size: int) -> sa.TextualSelect:
-    wanted = ", ".join(f"(:r{i}, :c{i})" for i in range(size))
-    # CROSS JOIN keeps the VALUES list as the outer loop: one index search per pair, no table scan
+    wanted = ", ".join(f"(:r{i}, :s{i}, :c{i})" for i in range(size))
+    # CROSS JOIN keeps the VALUES list as the outer loop: one index search per key, no table scan
     # (a row-value IN over VALUES scans the whole index on SQLite 3.40).
     return sa.text(
         f"SELECT {_COLUMNS} FROM (VALUES {wanted}) AS wanted "
-        "CROSS JOIN messages AS m ON m.room_id = wanted.column1 AND m.client_msg_id = wanted.column2 "
+        "CROSS JOIN messages AS m ON m.room_id = wanted.column1 AND m.sender = wanted.column2 "
+        "AND m.client_msg_id = wanted.column3 "
         "WHERE m.client_msg_id IS NOT NULL").columns(*messages.c)
 
 
@@ -311,11 +317,11 @@ def _sqlite_advance(size: int) -> sa.TextClause:
         "RETURNING rooms.room_id, rooms.last_seq")
 
 
-async def _lookup_sqlite(conn: AsyncConnection, pairs: Sequence[tuple[str, str]]) -> list[Any]:
+async def _lookup_sqlite(conn: AsyncConnection, keys: Sequence[tuple[str, str, str]]) -> list[Any]:
     found: list[Any] = []
-    for chunk in _chunks(pairs, SQLITE_MAX_BINDS // 2):
-        params = {f"{key}{i}": value for i, (room, cid) in enumerate(chunk)
-                  for key, value in (("r", room), ("c", cid))}
+    for chunk in _chunks(keys, SQLITE_MAX_BINDS // 3):
+        params = {f"{key}{i}": value for i, (room, sender, cid) in enumerate(chunk)
+                  for key, value in (("r", room), ("s", sender), ("c", cid))}
         found += (await conn.execute(_sqlite_lookup(len(chunk)), params)).all()
     return found
 
@@ -342,18 +348,18 @@ async def _insert_sqlite(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) 
     return (await conn.execute(_SQLITE_INSERT, list(rows))).all()
 
 
-def _client_id_pairs(batch: Iterable[NewMessage]) -> set[tuple[str, str]]:
-    """The distinct (room_id, client_msg_id) pairs of the messages that carry a client id."""
-    return {(message.room_id, message.client_msg_id) for message in batch
+def _client_id_keys(batch: Iterable[NewMessage]) -> set[tuple[str, str, str]]:
+    """The distinct (room_id, sender, client_msg_id) keys of the messages that carry a client id."""
+    return {(message.room_id, message.sender, message.client_msg_id) for message in batch
             if isinstance(message.client_msg_id, str) and message.client_msg_id
-            and isinstance(message.room_id, str)}
+            and isinstance(message.room_id, str) and isinstance(message.sender, str)}
 
 
 def _is_client_id_conflict(exc: sa.exc.IntegrityError) -> bool:
     """Whether ``exc`` is a violation of the client-id unique index (named on PostgreSQL, by its
     columns on SQLite), as opposed to any other constraint or a trigger."""
     detail = str(exc.orig)
-    return _CLIENT_ID_INDEX in detail or "messages.room_id, messages.client_msg_id" in detail
+    return _CLIENT_ID_INDEX in detail or "messages.room_id, messages.sender, messages.client_msg_id" in detail
 
 
 class ChatRepository:
@@ -368,12 +374,18 @@ class ChatRepository:
 
     # --- rooms ----------------------------------------------------------------------------------
 
-    async def create_room(self, name: str, *, room_id: str | None = None) -> Room:
-        """Insert a room; its id is a random UUID string (Java's ``UUID.randomUUID().toString()``)."""
+    async def create_room(self, name: str, *, room_id: str | None = None, creator: str | None = None) -> Room:
+        """Insert a room; its id is a random UUID string (Java's ``UUID.randomUUID().toString()``).
+
+        ``creator``, when given, becomes the room's first member in the same transaction.
+        """
         room = Room(room_id=room_id or str(uuid.uuid4()), name=name, created_at=_utcnow())
         async with write_transaction(self._engine) as conn:
             await conn.execute(sa.insert(rooms).values(
                 room_id=room.room_id, name=room.name, created_at=room.created_at, last_seq=0))
+            if creator is not None:
+                await conn.execute(sa.insert(room_members).values(
+                    room_id=room.room_id, user_name=creator, added_at=room.created_at))
         return room
 
     async def list_rooms(self) -> list[Room]:
@@ -389,6 +401,66 @@ class ChatRepository:
         async with self._engine.connect() as conn:
             row = (await conn.execute(query)).first()
         return None if row is None else Room(room_id=row.room_id, name=row.name, created_at=row.created_at)
+
+    async def rooms_of(self, user: str) -> list[Room]:
+        """The rooms ``user`` is a member of, oldest first."""
+        query = (sa.select(rooms.c.room_id, rooms.c.name, rooms.c.created_at)
+                 .join(room_members, room_members.c.room_id == rooms.c.room_id)
+                 .where(room_members.c.user_name == user)
+                 .order_by(rooms.c.created_at, rooms.c.room_id))
+        async with self._engine.connect() as conn:
+            result = await conn.execute(query)
+            return [Room(room_id=row.room_id, name=row.name, created_at=row.created_at) for row in result]
+
+    # --- members --------------------------------------------------------------------------------
+
+    async def add_member(self, room_id: str, user: str) -> bool:
+        """Make ``user`` a member of the room; False when they already were. Raises
+        :class:`UnknownRoomError` when the room does not exist."""
+        async with write_transaction(self._engine) as conn:
+            found = (await conn.execute(sa.select(rooms.c.room_id).where(rooms.c.room_id == room_id))).first()
+            if found is None:
+                raise UnknownRoomError(room_id)
+            values = {"room_id": room_id, "user_name": user, "added_at": _utcnow()}
+            dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+            result = await conn.execute(dialect_insert(room_members).values(**values).on_conflict_do_nothing())
+            return bool(result.rowcount)
+
+    async def remove_member(self, room_id: str, user: str) -> bool:
+        """Remove ``user`` from the room's members; False when they were not one."""
+        async with write_transaction(self._engine) as conn:
+            result = await conn.execute(sa.delete(room_members).where(
+                room_members.c.room_id == room_id, room_members.c.user_name == user))
+            return bool(result.rowcount)
+
+    async def members(self, room_id: str) -> list[str]:
+        """The room's members, in the order they were added."""
+        query = (sa.select(room_members.c.user_name).where(room_members.c.room_id == room_id)
+                 .order_by(room_members.c.added_at, room_members.c.user_name))
+        async with self._engine.connect() as conn:
+            return [str(row[0]) for row in await conn.execute(query)]
+
+    async def is_member(self, room_id: str, user: str) -> bool:
+        query = sa.select(room_members.c.room_id).where(room_members.c.room_id == room_id,
+                                                       room_members.c.user_name == user)
+        async with self._engine.connect() as conn:
+            return (await conn.execute(query)).first() is not None
+
+    async def memberships(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of the (room_id, user) ``pairs`` are memberships, in one query per 500 rooms."""
+        wanted = set(pairs)
+        found: set[tuple[str, str]] = set()
+        if not wanted:
+            return found
+        users = sorted({user for _, user in wanted})
+        async with self._engine.connect() as conn:
+            for chunk in _chunks(sorted({room for room, _ in wanted}), _HEADS_CHUNK):
+                for user_chunk in _chunks(users, _HEADS_CHUNK):
+                    rows = await conn.execute(
+                        sa.select(room_members.c.room_id, room_members.c.user_name).where(
+                            room_members.c.room_id.in_(chunk), room_members.c.user_name.in_(user_chunk)))
+                    found.update((str(row.room_id), str(row.user_name)) for row in rows)
+        return found & wanted
 
     async def last_seq(self, room_id: str) -> int | None:
         """The room's highest assigned sequence number (0 before its first message); None if unknown."""
@@ -413,8 +485,8 @@ class ChatRepository:
         """Store ``batch`` atomically in one transaction; results are in ``batch`` order.
 
         Raises the first :class:`StorageError` (unknown room, invalid message) and stores nothing if
-        any message is refused. A message whose ``client_msg_id`` is already stored in its room (or
-        appears earlier in the same batch) is not inserted: its result is the original row with
+        any message is refused. A message whose ``client_msg_id`` is already stored in its room for
+        its sender (or appears earlier in the same batch for the same sender) is not inserted: its result is the original row with
         ``duplicate=True``.
         """
         if not batch:
@@ -440,7 +512,7 @@ class ChatRepository:
         # the whole transaction (counters included) rolls back. The next attempt's lookup sees that row.
         # Every such retry is caused by a different client id becoming visible, so retrying at most once
         # per client id of the batch always ends.
-        attempts = 1 + len(_client_id_pairs(batch))
+        attempts = 1 + len(_client_id_keys(batch))
         for attempt in range(1, attempts + 1):
             try:
                 async with write_transaction(self._engine) as conn:
@@ -458,7 +530,7 @@ class ChatRepository:
     async def _save_in(self, conn: AsyncConnection, batch: Sequence[NewMessage]) -> list[SaveResult | StorageError]:
         """Save ``batch`` inside ``conn``'s write transaction in at most three statements:
 
-        1. one lookup of every (room, client id) pair of the batch (skipped when there is none);
+        1. one lookup of every (room, sender, client id) key of the batch (skipped when there is none);
         2. one statement that locks the rooms that get new rows, in sorted order, advances each room's
            ``last_seq`` by its number of new rows and returns the new values (a room missing from the
            answer does not exist);
@@ -478,31 +550,32 @@ class ChatRepository:
             else:
                 by_room.setdefault(message.room_id, []).append(index)
 
-        # 1. Which client ids are stored already (the original rows answer their duplicates).
-        pairs = sorted(_client_id_pairs(batch[i] for indexes in by_room.values() for i in indexes))
-        stored: dict[tuple[str, str], StoredMessage] = {}
-        if pairs:
-            for row in await (_lookup_postgres(conn, pairs) if postgres else _lookup_sqlite(conn, pairs)):
+        # 1. Which client ids are stored already for their sender (the original rows answer their duplicates).
+        keys = sorted(_client_id_keys(batch[i] for indexes in by_room.values() for i in indexes))
+        stored: dict[tuple[str, str, str], StoredMessage] = {}
+        if keys:
+            for row in await (_lookup_postgres(conn, keys) if postgres else _lookup_sqlite(conn, keys)):
                 found = StoredMessage.from_row(row)
                 assert found.client_msg_id is not None
-                stored[(found.room_id, found.client_msg_id)] = found
+                stored[(found.room_id, found.sender, found.client_msg_id)] = found
 
         # Which messages need a new row; which repeat a stored row or an earlier message of the batch.
         new_by_room: dict[str, list[int]] = {}
         repeats: list[tuple[int, int]] = []
         for room_id, indexes in by_room.items():
-            first_new: dict[str, int] = {}
+            first_new: dict[tuple[str, str], int] = {}
             for index in indexes:
                 cid = batch[index].client_msg_id
                 if cid is not None:
-                    original = stored.get((room_id, cid))
+                    key = (batch[index].sender, cid)
+                    original = stored.get((room_id, *key))
                     if original is not None:
                         outcomes[index] = SaveResult(message=original, duplicate=True)
                         continue
-                    if cid in first_new:
-                        repeats.append((index, first_new[cid]))
+                    if key in first_new:
+                        repeats.append((index, first_new[key]))
                         continue
-                    first_new[cid] = index
+                    first_new[key] = index
                 new_by_room.setdefault(room_id, []).append(index)
 
         # 2. Lock and advance the counters of the rooms that get rows, all at once.

@@ -35,6 +35,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from gateway.auth import is_reserved_name
+from gateway.authz import AccessRequest, Action, Authorizer, create_policy, refusal, wildcard_may_match
 from gateway.broker.base import BrokerUnavailable, Publication
 from gateway.chat.group_commit import GroupCommitWriter, WriterClosedError
 from gateway.chat.models import MessageType, NewMessage, SaveResult, StoredMessage
@@ -54,13 +56,21 @@ from gateway.chat.repository import (
     UnknownRoomError,
     is_unavailable,
 )
-from gateway.hub import Hub, InboundMessage, MessageNotStored, MessageRejected, SessionInfo
+from gateway.hub import (
+    Hub,
+    InboundMessage,
+    MessageNotStored,
+    MessageRejected,
+    SessionInfo,
+    SubscriptionDenied,
+)
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
 STATE_ATTR = "chat"                # the session attribute holding its ChatSessionState
 MAX_REPUBLISH_QUEUE = 10000
+CLOSE_POLICY_VIOLATION = 1008      # WebSocket close code of a session whose access to a room was revoked
 PUBLISH_BATCH = 512                # most publications sent in one pipelined round trip
 RESUME_PAGE = 500                  # messages read per query when a subscription resumes
 
@@ -123,8 +133,11 @@ def _relay(outer: asyncio.Future[None], inner: asyncio.Future[SaveResult]) -> No
 
 class ChatService:
     def __init__(self, settings: Settings, repository: ChatRepository, writer: GroupCommitWriter,
-                 presence: Presence, hub: Hub) -> None:
+                 presence: Presence, hub: Hub, authz: Authorizer | None = None) -> None:
         self.settings = settings
+        self.authz = authz or Authorizer(create_policy(settings, repository), ttl_s=settings.authz_cache_ttl_s)
+        """Who may subscribe, send and read (gateway.authz); SEND checks hit its per-session cache."""
+        self._reserved_users = frozenset(pair.partition(":")[0] for pair in settings.users)
         self.repository = repository
         self.writer = writer
         self.presence = presence
@@ -136,14 +149,22 @@ class ChatService:
         self._outbox: deque[Publication] = deque()
         self._outbox_wakeup = asyncio.Event()
         self._publisher_task: asyncio.Task[None] | None = None
+        self._recheck_task: asyncio.Task[None] | None = None
         self.dropped_publications = 0
         writer.on_commit = self._committed
 
     async def start(self) -> None:
         self._publisher_task = asyncio.create_task(self._publisher(), name="chat-publisher")
+        if self.settings.authz_policy != "open":
+            self._recheck_task = asyncio.create_task(self._rechecker(), name="chat-authz-recheck")
 
     async def stop(self, timeout: float = 2.0) -> None:
         """Send what is queued for the bus (up to ``timeout`` seconds), then stop the publisher."""
+        if self._recheck_task is not None:
+            self._recheck_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recheck_task
+            self._recheck_task = None
         task = self._publisher_task
         if task is None:
             return
@@ -287,10 +308,21 @@ class ChatService:
             raise MessageNotStored() from None
         if not exists:
             raise MessageRejected(f"Unknown room {chat.room_id!r}")
+        session = inbound.session
+        # Authorization: a dictionary lookup once the session's decision for the room is cached (the
+        # first SEND to a room per authz_cache_ttl_s asks the policy); a refusal is an ERROR and close.
+        allowed = self.authz.cached(session, Action.SEND, chat.room_id)
+        if allowed is None:
+            refused = await self.authz.check(session, Action.SEND, chat.room_id)
+            if refused is not None:
+                raise MessageRejected(refusal(refused))
+        elif not allowed:
+            raise MessageRejected(refusal(AccessRequest(Action.SEND, session.user, chat.room_id)))
+        if session.user is None and chat.sender is not None and self.name_reserved(chat.sender):
+            raise MessageRejected(f"The sender name {chat.sender!r} is reserved: choose another name")
         client_msg_id = inbound.header("client-msg-id") or chat.client_msg_id
         if client_msg_id is not None and not 0 < len(client_msg_id) <= 64:
             raise MessageRejected("client-msg-id must be 1 to 64 characters")
-        session = inbound.session
         if chat.type is MessageType.ENTER:
             # Older frontend generation: the client announces itself after subscribing.
             name = session.user or chat.sender or UNKNOWN_SENDER
@@ -304,6 +336,67 @@ class ChatService:
         sender = session.user or chat.sender or UNKNOWN_SENDER
         await self.writer.reserve()
         return self.submit(NewMessage(chat.room_id, MessageType.TALK, sender, chat.message, client_msg_id))
+
+    # --- authorization -------------------------------------------------------------------------
+
+    def name_reserved(self, name: str) -> bool:
+        """Whether an unauthenticated client may not use ``name`` as its sender (see gateway.auth)."""
+        return is_reserved_name(name, self._reserved_users)
+
+    async def authorize_subscribe(self, session: SessionInfo, subscription_id: str, destination: str) -> None:
+        """The hub's ``authorize_subscribe`` hook: raises SubscriptionDenied with a clear message."""
+        room_id = self.room_of(destination)
+        if room_id is not None:
+            refused = await self.authz.check(session, Action.SUBSCRIBE, room_id)
+            if refused is not None:
+                raise SubscriptionDenied(refusal(refused))
+            return
+        wildcard = wildcard_may_match(destination, self.room_prefix)
+        if not wildcard and self.settings.authz_policy in ("open", "members"):
+            return  # not a room: nothing the built-in policies guard
+        request = AccessRequest(Action.SUBSCRIBE, session.user, None, destination, wildcard=wildcard)
+        if not await self.authz.ask(request):
+            raise SubscriptionDenied(refusal(request))
+
+    def membership_changed(self, room_id: str, user: str, *, added: bool) -> None:
+        """A member was added or removed on this node: drop the room's cached decisions of every local
+        session at once, and end the sessions of a removed member that are subscribed to the room
+        (other nodes notice within authz_cache_ttl_s, see :meth:`recheck_subscriptions`)."""
+        sessions = [subscriber.info for subscriber in self.hub.sessions.values()]
+        self.authz.forget_room(sessions, room_id)
+        if added:
+            return
+        for subscriber in list(self.hub.sessions.values()):
+            info = subscriber.info
+            if info.user == user and room_id in ChatSessionState.of(info).rooms.values():
+                subscriber.close_soon(CLOSE_POLICY_VIOLATION, "access revoked",
+                                      error=f"Access to room {room_id!r} was revoked")
+
+    async def recheck_subscriptions(self) -> int:
+        """Re-ask the policy, in one batch, about every room a local session is subscribed to whose
+        cached decision expired; close the sessions that lost a room. Returns how many were closed."""
+        subscribed: list[tuple[SessionInfo, str]] = []
+        for subscriber in list(self.hub.sessions.values()):
+            info = subscriber.info
+            for room_id in set(ChatSessionState.of(info).rooms.values()):
+                subscribed.append((info, room_id))
+        closed = 0
+        for info, room_id in await self.authz.recheck(subscribed):
+            target = self.hub.sessions.get(info.session_id)
+            if target is not None:
+                target.close_soon(CLOSE_POLICY_VIOLATION, "access revoked",
+                                      error=f"Access to room {room_id!r} was revoked")
+                closed += 1
+        return closed
+
+    async def _rechecker(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.authz_cache_ttl_s)
+            try:
+                await self.recheck_subscriptions()
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    log.exception("re-checking subscriptions failed")
 
     # --- presence hooks ------------------------------------------------------------------------
 

@@ -276,13 +276,17 @@ async def test_three_processes_hammering_50_rooms_keep_every_room_gap_free(
         assert seqs == list(range(1, last_seq + 1)), room_id  # gap-free, no duplicate seq
     assert sum(last_seq for last_seq, _ in state.values()) == len(new)  # rows == messages stored
     async with engine.connect() as conn:
-        rows = {int(row.id): (row.room_id, int(row.seq), row.client_msg_id)
+        rows = {int(row.id): (row.room_id, int(row.seq), row.client_msg_id, row.sender)
                 for row in await conn.execute(sa.select(messages))}
     assert {entry[0] for entry in new} == set(rows) and len(new) == len(rows)
     for row_id, room_id, seq, _duplicate, client_msg_id in saved:  # duplicates name the original row
-        assert rows[row_id] == (room_id, seq, client_msg_id)
-    shared = [(room_id, cid) for room_id, _, cid in rows.values() if cid and cid.startswith("shared-")]
+        assert rows[row_id][:3] == (room_id, seq, client_msg_id)
+    # Client ids are unique per (room, sender): each process (one sender) stored a shared id once per
+    # room, and the processes' equal ids did not suppress each other.
+    shared = [(room_id, sender, cid) for room_id, _, cid, sender in rows.values()
+              if cid and cid.startswith("shared-")]
     assert len(shared) == len(set(shared))
+    assert len({sender for _, sender, _ in shared}) == processes
 
 
 # --- PostgreSQL: the client-id race between lookup and lock; the lock order -------------------------

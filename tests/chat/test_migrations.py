@@ -55,10 +55,11 @@ async def describe(url: str) -> dict[str, Any]:
 
 
 def assert_at_head(described: dict[str, Any]) -> None:
-    assert described["tables"] == {"alembic_version", "rooms", "messages"}
+    assert described["tables"] == {"alembic_version", "rooms", "messages", "room_members"}
     assert described["versions"] == [head_revision()]
     assert described["diff"] == []  # the migrated schema is exactly gateway.chat.models
-    assert described["message_indexes"]["uq_messages_room_client_msg_id"] == (["room_id", "client_msg_id"], True)
+    assert described["message_indexes"]["uq_messages_room_sender_client_msg_id"] == (
+        ["room_id", "sender", "client_msg_id"], True)
     assert described["message_uniques"]["uq_messages_room_seq"] == ["room_id", "seq"]
 
 

@@ -50,9 +50,11 @@ def run_client(gateway: GatewayProcess, transport: str, client: str, room: str, 
 @pytest.mark.parametrize("client", ["stompjs", "stomp7"])
 @pytest.mark.parametrize("transport", ["websocket", "xhr-streaming", "xhr-polling", "eventsource"])
 def test_reference_calls_work_over_every_transport(gateway: GatewayProcess, transport: str, client: str) -> None:
-    room = httpx.post(gateway.url + "/chat/room", data={"name": f"{transport}-{client}"}).json()["roomId"]
     user = f"user-{transport}-{client}"
     token = mint_token(user, key_from_secret(SECRET))
+    bearer = {"Authorization": f"Bearer {token}"}   # REST needs the same authentication (issue 10)
+    room = httpx.post(gateway.url + "/chat/room", data={"name": f"{transport}-{client}"},
+                      headers=bearer).json()["roomId"]
     events = run_client(gateway, transport, client, room, token, f"hello over {transport}")
     connected = next(e for e in events if e["event"] == "connected")
     assert connected["transport"] == transport
@@ -61,7 +63,7 @@ def test_reference_calls_work_over_every_transport(gateway: GatewayProcess, tran
     assert [(b["type"], b["message"]) for b in bodies] == [
         ("ENTER", f"{user}님이 방에 입장했습니다."), ("TALK", f"hello over {transport}")]
     assert bodies[1]["sender"] == user
-    history = httpx.get(f"{gateway.url}/chat/room/{room}/messages").json()
+    history = httpx.get(f"{gateway.url}/chat/room/{room}/messages", headers=bearer).json()
     assert [(m["type"], m["sender"]) for m in history][:2] == [("ENTER", "[알림]"), ("TALK", user)]
 
 

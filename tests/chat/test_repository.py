@@ -255,8 +255,8 @@ async def main(url, room_id, tag, tasks, per_task, shared):
     print("ready", flush=True)
     await asyncio.to_thread(sys.stdin.readline)
 
-    def msg(text, cid=None):
-        return NewMessage(room_id=room_id, type=MessageType.TALK, sender=tag, message=text, client_msg_id=cid)
+    def msg(text, cid=None, sender=tag):
+        return NewMessage(room_id=room_id, type=MessageType.TALK, sender=sender, message=text, client_msg_id=cid)
 
     async def direct(t):
         for i in range(per_task):
@@ -268,7 +268,8 @@ async def main(url, room_id, tag, tasks, per_task, shared):
 
     async def shared_ids():
         for i in range(shared):
-            await writer.save(msg(f"shared-{i} from {tag}", f"shared-{i}"))
+            # One sender for the shared ids: client ids are unique per (room, sender, id).
+            await writer.save(msg(f"shared-{i} from {tag}", f"shared-{i}", sender="shared"))
 
     await asyncio.gather(*(direct(t) for t in range(tasks)), *(grouped(t) for t in range(tasks)), shared_ids())
     await writer.stop()
