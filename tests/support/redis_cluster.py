@@ -25,37 +25,31 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from tests.support.redis_server import HOST, RedisServer, RedisServerError, RedisServerMissing, free_port
+from tests.support.net import free_port, port_is_free
+from tests.support.polling import eventually_sync
+from tests.support.redis_server import HOST, RedisServer, RedisServerError, RedisServerMissing
 
 CLUSTER_NODE_TIMEOUT_MS = 3000
 SERVICE = "mymaster"
 T = TypeVar("T")
 
 
-def _wait(what: str, check: Callable[[], T | None], timeout_s: float) -> T:
-    """Poll ``check`` until it returns something other than None/False; fail naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-        except (OSError, RedisServerError) as exc:
-            last_error = exc
-            value = None
-        if value is not None and value is not False:
-            return value
-        time.sleep(0.05)
-    raise RedisServerError(f"timed out after {timeout_s} s waiting for {what} (last error: {last_error})")
+def _wait(what: str, check: Callable[[], T], timeout_s: float) -> T:
+    """:func:`~tests.support.polling.eventually_sync` for the topology checks: a server that does not
+    answer yet is "not yet"; a timeout is a :class:`RedisServerError` naming ``what``."""
+    try:
+        return eventually_sync(check, what, timeout_s=timeout_s, interval_s=0.05,
+                               ignoring=(OSError, RedisServerError))
+    except AssertionError as exc:
+        raise RedisServerError(str(exc)) from None
 
 
 def _text(reply: object) -> str:
@@ -279,20 +273,11 @@ class RedisClusterProcesses:
         return out
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def _cluster_port() -> int:
     """A free port in 20000..45535 whose +10000 bus port is free as well."""
     for _ in range(1000):
         port = random.randint(20000, 45535)
-        if _port_free(port) and _port_free(port + 10000):
+        if port_is_free(port) and port_is_free(port + 10000):
             return port
     raise RedisServerError("no free port pair for a cluster node")
 
