@@ -81,7 +81,8 @@ MARK = b"~b~"
 P99_LIMIT_MS = 100.0
 TEXT_CHARS = 64            # length of the chat text each message carries (marker + padding)
 WINDOW = 64                # the single-session pipelining test's outstanding receipts
-PUBLISHER_SNDBUF = 65536   # a publisher socket's kernel send buffer: backpressure shows within ~250 messages
+PUBLISHER_SNDBUF = 16384   # a publisher socket's kernel send buffer (Linux doubles it: 32 KiB)
+PUBLISHER_WRITE_HIGH = 0   # the publisher transport pauses as soon as the kernel does not take a whole frame
 
 
 # --- plan ------------------------------------------------------------------------------------------
@@ -213,8 +214,10 @@ class Rig:
         client = WsStomp(self.target.url(index), on_message=self.on_message)
         client.name = name
         client.on_close = self._on_close
+        publisher = name.startswith("pub")
         return await client.open(self.target.login_for(name), self.target.passcode,
-                                 sndbuf=PUBLISHER_SNDBUF if name.startswith("pub") else None)
+                                 sndbuf=PUBLISHER_SNDBUF if publisher else None,
+                                 write_high=PUBLISHER_WRITE_HIGH if publisher else None)
 
     async def _open_sub(self, room: int, j: int) -> WsStomp:
         client = await self._open(room + j, f"sub{room}-{j}")
@@ -332,6 +335,8 @@ class Rig:
         expected = n * shape.subs_per_room
         meter = CpuMeter(self.target.pids)
         meter.start()
+        pauses0 = sum(p.pauses for p in self.pubs)
+        paused0 = sum(p.paused_ns for p in self.pubs)
         self.step = st
         send_end = t0 + int(step_s * 1e9)
         drain_end = send_end + int(drain_s * 1e9)
@@ -346,6 +351,8 @@ class Rig:
                 break
         delivered_at_drain = st.delivered
         last_at_drain = st.last_ns
+        pauses = sum(p.pauses for p in self.pubs) - pauses0
+        paused_s = (sum(p.paused_ns for p in self.pubs) - paused0) / 1e9
         cpu = meter.stop(st.delivered)
         # settle: let late deliveries in (so the next step starts clean), then count the rows
         settle_until = time.monotonic() + 20.0
@@ -389,6 +396,8 @@ class Rig:
             "p50_ms": lat[0], "p99_ms": lat[1], "max_ms": lat[2],
             "sched_p50_ms": sched[0], "sched_p99_ms": sched[1], "sched_max_ms": sched[2],
             "lag_p50_ms": lag[0], "lag_p99_ms": lag[1], "lag_max_ms": lag[2],
+            # TCP backpressure seen by the publishers: write pauses, and publisher-seconds spent paused
+            "publisher_pauses": pauses, "publisher_paused_s": round(paused_s, 3),
             **cpu,
             "db_rows": rows,
             "rows_ok": None if rows is None else rows == st.sent,
@@ -576,7 +585,8 @@ def _step_line(system: str, shape: str, r: dict[str, Any]) -> str:
     return (f"  {system:18} {shape:6} offered {r['offered_msgs_per_s']:7.0f} msg/s -> achieved "
             f"{r['achieved_msgs_per_s']:8.1f} msg/s ({r['achieved_deliveries_per_s']:8.0f} deliv/s), "
             f"undelivered {r['undelivered_pct']:.2f}%, p50/p99 {r['p50_ms']}/{r['p99_ms']} ms, "
-            f"lag p99 {r['lag_p99_ms']} ms, sched p99 {r['sched_p99_ms']} ms, server cpu {r['server_cpu_util']}, "
+            f"lag p99 {r['lag_p99_ms']} ms, pauses {r.get('publisher_pauses')}, sched p99 {r['sched_p99_ms']} ms, "
+            f"server cpu {r['server_cpu_util']}, "
             f"gen cpu {r['client_cpu_util']}, other {r['other_cpu_util']}"
             f"{rows}{' PASS' if r['passed'] else ''}{extra}{fail}")
 
@@ -991,7 +1001,8 @@ def markdown(report: dict[str, Any]) -> str:
               "messages × subscribers per room; p99 from the write / from the schedule; lag = how far the "
               "publishers fell behind; CPU in cores; a failing step is followed by its retry)</summary>", ""]
     lines += ["| curve | offered | achieved | undelivered % | p50 ms | p99 ms | p99 from schedule ms | lag p99 ms "
-              "| server CPU | generator CPU | other CPU | rows = sent | pass |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| write pauses (s) | server CPU | generator CPU | other CPU | rows = sent | pass |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, c in curves.items():
         for s in sorted(c.get("steps", []), key=lambda s: s["offered_msgs_per_s"]):
             lines.append(
@@ -999,6 +1010,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f" | {_fmt(s['offered_msgs_per_s'])} | "
                 f"{_fmt(s['achieved_msgs_per_s'])} | {s['undelivered_pct']:.2f} | {_fmt(s['p50_ms'], 1)} | "
                 f"{_fmt(s['p99_ms'], 1)} | {_fmt(s['sched_p99_ms'], 1)} | {_fmt(s['lag_p99_ms'], 1)} | "
+                f"{s.get('publisher_pauses', '–')} ({_fmt(s.get('publisher_paused_s'), 1)}) | "
                 f"{_fmt(s['server_cpu_util'], 2)} | {_fmt(s['client_cpu_util'], 2)} | {_fmt(s['other_cpu_util'], 2)} | "
                 f"{'–' if s.get('rows_ok') is None else _fmt(s['rows_ok'])} | {'yes' if s['passed'] else 'no'} |")
     lines += ["", "</details>"]

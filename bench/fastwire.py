@@ -93,6 +93,9 @@ class WsStomp(asyncio.Protocol):
         self.subprotocols = subprotocols
         self.on_message = on_message
         self.name = ""
+        self.pauses = 0            # times the transport asked us to stop writing (server not reading)
+        self.paused_ns = 0         # total time spent paused
+        self._paused_at = 0
         self.on_receipt: Callable[[str], None] | None = None
         self.on_close: Callable[[WsStomp, str], None] | None = None
         self.transport: asyncio.Transport | None = None
@@ -109,7 +112,9 @@ class WsStomp(asyncio.Protocol):
     # --- connection ---------------------------------------------------------------------------------
 
     async def open(self, login: str, passcode: str = "", vhost: str = "/", timeout_s: float = 20.0,
-                   sndbuf: int | None = None) -> WsStomp:
+                   sndbuf: int | None = None, write_high: int | None = None) -> WsStomp:
+        """Connect, upgrade, CONNECT. ``sndbuf`` sets the kernel send buffer; ``write_high`` the
+        transport's high-water mark (0: pause as soon as the kernel does not take a whole write)."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -119,6 +124,8 @@ class WsStomp(asyncio.Protocol):
         async with asyncio.timeout(timeout_s):
             await loop.sock_connect(sock, (self.host, self.port))
             await loop.create_connection(lambda: self, sock=sock)
+            if write_high is not None and self.transport is not None:
+                self.transport.set_write_buffer_limits(high=write_high)
             await self._handshaken
             self.send_raw(connect_frame(login, passcode, vhost).encode())
             await self.expect("CONNECTED")
@@ -149,9 +156,14 @@ class WsStomp(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writable.clear()
+        self.pauses += 1
+        self._paused_at = _perf_ns()
 
     def resume_writing(self) -> None:
         self.writable.set()
+        if self._paused_at:
+            self.paused_ns += _perf_ns() - self._paused_at
+            self._paused_at = 0
 
     @property
     def is_open(self) -> bool:
