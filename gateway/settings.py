@@ -147,7 +147,7 @@ class Settings:
     # --- abuse limits ----------------------------------------------------------------------------
     send_rate_per_s: float = _setting(
         50.0, "SENDs per second one user may make (token bucket refill), cluster-wide when redis_url is "
-        "set; anonymous sessions get a bucket each (0 = unlimited).")
+        "set; with auth=anonymous the bucket is the client address's (0 = unlimited).")
     send_burst: int = _setting(500, "SENDs one user may make at once before send_rate_per_s applies (bucket size).")
     send_rate_close_after: int = _setting(
         100, "Refused SENDs (about this many within 10 s) after which a session is closed (0 = never close).")
