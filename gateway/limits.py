@@ -4,7 +4,7 @@ Owns:
 
 - :class:`RefusalMeter`: per session, how many SENDs were refused lately (the session is closed once
   about ``send_rate_close_after`` were refused within 10 s: repeated abuse);
-- the SEND token bucket per key (the user name; an anonymous session's own id):
+- the SEND token bucket per key (``user:<name>``; in the anonymous mode ``addr:<client address>``):
   :class:`LocalRateLimiter` per node, :class:`RedisRateLimiter` cluster-wide;
 - sessions per user: :class:`LocalSessionCounter` per node, :class:`RedisSessionCounter` cluster-wide;
 - :class:`AddressCounter`: STOMP sessions per client address on this node;
@@ -77,26 +77,6 @@ class RefusalMeter:
         self._level = max(0.0, self._level - (now - self._updated) * self._rate) + 1.0
         self._updated = now
         return self._level > self.limit
-
-
-class TokenBucket:
-    """One token bucket (an anonymous session's own SEND budget)."""
-
-    __slots__ = ("burst", "rate", "tokens", "updated")
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.updated = now
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
 
 
 class RateLimiter(Protocol):

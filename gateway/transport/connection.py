@@ -10,7 +10,8 @@ bounded outbound queue and its single writer task (past ``outbound_max_bytes`` q
 blocked past ``outbound_send_timeout_s``, the session is closed with 4500 without slowing anyone
 else), the CONNECT deadline, heart-beat timers, the credential's expiry (ERROR ``token expired`` and
 close 1008 at the token's ``exp``), the abuse limits of :mod:`gateway.limits` (sessions per client
-address at start, sessions per user at CONNECT, the SEND token bucket before each SEND reaches its
+address at start, sessions per user at CONNECT, the SEND token bucket (the user's; in the anonymous
+mode the client address's) before each SEND reaches its
 handler: a refused SEND takes its place in the window and is answered, in order, with an ERROR
 ``rate limit exceeded`` that keeps the session open, until repeated refusals close it), and closing
 exactly once.
@@ -36,7 +37,6 @@ from gateway.limits import (
     RATE_LIMIT_MESSAGE,
     NodeLimits,
     RefusalMeter,
-    TokenBucket,
     address_of,
     create_limits,
 )
@@ -153,8 +153,7 @@ class StompConnection:
         self._address_counted = False
         self._user_counted: str | None = None   # counted in limits.sessions (released when the session ends)
         self._refusals = RefusalMeter(settings.send_rate_close_after)
-        self._bucket: TokenBucket | None = None   # an anonymous session's own SEND budget
-        self._rate_key: str | None = None          # a named user's key in limits.rate
+        self._rate_key: str | None = None          # whose SEND budget in limits.rate (set at CONNECT)
         self._expires_at: float | None = None      # the credential's expiry, epoch seconds
 
     # --- Connection protocol ----------------------------------------------------------------
@@ -275,8 +274,6 @@ class StompConnection:
 
     def _rate_allowed(self) -> bool | None:
         """The SEND token bucket without waiting (None: ask :meth:`_rate_wait`)."""
-        if self._bucket is not None:
-            return self._bucket.take(self.clock())
         if self._rate_key is None or self.limits.rate is None:
             return True
         return self.limits.rate.try_acquire(self._rate_key)
@@ -324,12 +321,13 @@ class StompConnection:
                 self.info.user = event.user
                 self.info.version = event.version
                 self._expires_at = event.expires_at
-                if self.settings.send_rate_per_s > 0:
-                    if event.user is None or self.settings.auth == "anonymous" or self.limits.rate is None:
-                        self._bucket = TokenBucket(self.settings.send_rate_per_s, self.settings.send_burst,
-                                                   self.clock())
-                    else:
-                        self._rate_key = "user:" + event.user
+                # Whose SEND budget: an authenticated user's (all their sessions share it); in the
+                # anonymous mode the client address's (a login there is a free claim: keyed by it,
+                # anyone could drain another's budget, or escape the limit by reconnecting).
+                if event.user is not None and self.settings.auth != "anonymous":
+                    self._rate_key = "user:" + event.user
+                else:
+                    self._rate_key = "addr:" + self._address
                 self._connected = True
                 self._connected_event.set()
                 await self.hub.session_connected(self)
