@@ -1,9 +1,10 @@
 """Builds the node's broker from settings.
 
 Owns: the choice of broker. Without ``redis_url`` the node runs the in-memory broker (one node);
-with it, a :class:`~gateway.broker.redis.RedisBroker` named after ``node_id`` whose channel naming
-(:class:`~gateway.broker.channels.SpringChannelMapper`) follows ``redis_channel_mode``,
-``redis_channel_prefix``, ``redis_single_channel`` and ``chat_room_prefix``.
+with it, a :class:`~gateway.broker.redis.RedisBroker` named after ``node_id`` on the deployment the
+URL names (one server, Sentinel or Redis Cluster: :mod:`gateway.broker.redis_urls`), whose channel
+naming (:class:`~gateway.broker.channels.SpringChannelMapper`) follows ``redis_channel_mode``,
+``redis_channel_prefix``, ``redis_single_channel``, ``chat_room_prefix`` and ``redis_sharded_pubsub``.
 
 Must not import Starlette, the transport layer or the chat domain.
 """
