@@ -41,6 +41,8 @@ LIVE_AT_LEAST = 20     # messages committed after the resume RECEIPT before the 
 DONE_TEXT = "the last message"
 
 DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+# The sender sends as fast as the nodes answer: the per-address SEND rate limit is not what is tested here.
+SETTINGS = {"send_rate_per_s": 0}
 
 
 async def until(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
@@ -166,7 +168,7 @@ def stomp_py_subscribe(port: int, room: str, log: list[dict[str, Any]], lock: th
 @pytest.mark.parametrize("database", DATABASES)
 async def test_stomp_py_resumes_on_another_node_after_its_node_is_killed(cluster_factory: Any,
                                                                          database: str) -> None:
-    cluster = await cluster_factory(2, database=database)
+    cluster = await cluster_factory(2, database=database, settings=SETTINGS)
     room = await cluster.create_room("resume with stomp.py")
     log: list[dict[str, Any]] = []
     lock = threading.Lock()
@@ -205,7 +207,7 @@ async def test_stomp_py_resumes_on_another_node_after_its_node_is_killed(cluster
 @pytest.mark.parametrize("database", DATABASES)
 async def test_stompjs_resumes_on_another_node_after_its_node_is_killed(cluster_factory: Any,
                                                                         database: str) -> None:
-    cluster = await cluster_factory(2, database=database)
+    cluster = await cluster_factory(2, database=database, settings=SETTINGS)
     room = await cluster.create_room("resume with stompjs")
     script = NodeScript("stompjs7.mjs", {
         "scenario": "resume", "room": room, "doneText": DONE_TEXT, "killAfter": SEEN_BEFORE_KILL,
