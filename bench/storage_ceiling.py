@@ -28,12 +28,13 @@ from typing import Any
 
 
 def _engine(url: str) -> Any:
+    """The gateway's own engine set-up when ``make_engine(url)`` still exists with that signature."""
     try:
         from gateway.chat.repository import make_engine
-    except ImportError:
+        return make_engine(url)
+    except (ImportError, TypeError):
         from sqlalchemy.ext.asyncio import create_async_engine
         return create_async_engine(url)
-    return make_engine(url)
 
 
 @dataclass
