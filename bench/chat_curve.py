@@ -983,7 +983,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"({_fmt(c.get('check_2x_p99_le_1.5x_p99'))}) | "
                 f"{'–' if system == 'rabbitmq' else _fmt(c.get('rows_ok'))} |"
                 + (f" FAILURE: {c['failure']}" if c.get("failure") else ""))
-    lines += ["", "Storage ceiling (`save_batch` driven directly, same database set-up, no gateway):", "",
+    lines += ["", "Storage ceiling (`save_batch` driven directly, same database set-up, no gateway; stored "
+              "messages/s and, in brackets, the median time of one batch's transaction):", "",
               "| database | writers | " + " | ".join(f"batch {b}" for b in report["plan"]["ceiling_batches"])
               + " |", "|---|---|" + "---|" * len(report["plan"]["ceiling_batches"])]
     for key, ceiling in report["ceilings"].items():
