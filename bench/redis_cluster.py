@@ -273,6 +273,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "quick", False):  # bench.run --redis-cluster --quick: one small run each (~1 min)
+        args.rc_messages = min(args.rc_messages, 10000)
+        args.rc_runs = 1
     topologies = [t for t in args.rc_topologies.split(",") if t]
     runs: dict[str, list[TopologyResult]] = {t: [] for t in topologies}
     for index in range(args.rc_runs):
