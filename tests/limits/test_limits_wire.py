@@ -25,7 +25,7 @@ RATE_LIMITED = "rate limit exceeded"
 
 async def _answers(client: WsStompClient, count: int) -> list[Any]:
     """The next ``count`` RECEIPT/ERROR frames (MESSAGEs skipped)."""
-    out = []
+    out: list[Any] = []
     while len(out) < count:
         got = await client.next_frame(20)
         if got.command in ("RECEIPT", "ERROR"):
@@ -94,7 +94,7 @@ async def test_sessions_per_user_are_limited(gateway_factory: Any) -> None:
             await client.close()
         return ok
 
-    await eventually(alice_connects, "a new session of alice once one ended")
+    await eventually(alice_connects, "a new session of alice once one ended")  # type: ignore[arg-type]  # async condition
     for client in (second, other):
         await client.close()
 
@@ -118,7 +118,7 @@ async def test_stomp_sessions_per_client_address_are_limited(gateway_factory: An
         clients.append(client)
         return ok
 
-    await eventually(connects, "a new session once one from the address ended")
+    await eventually(connects, "a new session once one from the address ended")  # type: ignore[arg-type]  # async condition
     assert gateway.log_text().count("refusing STOMP sessions from 127.0.0.1") == 1
     for client in clients[1:]:
         await client.close()
@@ -179,7 +179,7 @@ async def test_a_session_is_closed_when_its_token_expires(gateway_factory: Any) 
     ("max_http_connections", -1), ("max_transaction_bytes", 0), ("max_sessions_per_user", -1)])
 def test_invalid_limit_settings_are_refused(name: str, value: float) -> None:
     with pytest.raises(SettingsError, match=name):
-        load_settings(environ={}, **{name: value})
+        load_settings(environ={}, **{name: value})  # type: ignore[arg-type]
 
 
 def test_limit_defaults() -> None:
