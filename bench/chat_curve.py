@@ -858,8 +858,16 @@ def _ceiling_line(ceiling: dict[str, Any]) -> str:
                      for s in ceiling["sizes"]) + f"; writers {ceiling['writers']}"
 
 
+# Abuse limits (issue 10) that a load test from one address would trip and RabbitMQ does not have: the
+# SEND rate bucket (with auth=anonymous it is the client address's, i.e. all 50 publishers share 50/s)
+# and sessions per client address (1000 per node; a curve opens 1050 from 127.0.0.1). Passed as
+# environment variables, which a gateway without these settings ignores (--gateway-tree of older code).
+GATEWAY_ENV = {"GATEWAY_SEND_RATE_PER_S": "0", "GATEWAY_MAX_CONNECTIONS_PER_IP": "0"}
+
+
 def _node(url: str, tree: Path, redis_url: str | None = None) -> GatewayNode:
-    return GatewayNode(url, redis_url=redis_url, allow_client_broker_send=False, tree=tree)
+    return GatewayNode(url, redis_url=redis_url, allow_client_broker_send=False, tree=tree,
+                       env=dict(GATEWAY_ENV))
 
 
 async def _gateway_sqlite(shape: Shape, plan: CurvePlan, log: Callable[[str], None], workdir: Path, tree: Path,

@@ -87,6 +87,7 @@ class GatewayNode:
     allow_client_broker_send: bool = True
     extra_args: tuple[str, ...] = ()
     tree: Path = REPO              # the checkout whose ``gateway`` package runs (``-m`` puts cwd first)
+    env: dict[str, str] = field(default_factory=dict)  # GATEWAY_* settings (a gateway ignores unknown ones)
     process: GatewayProcess | None = None
 
     @property
@@ -121,7 +122,7 @@ class GatewayNode:
         port = free_port()
         workdir = log_dir / f"gateway-{port}"
         workdir.mkdir(parents=True, exist_ok=True)
-        self.process = GatewayProcess(settings, port=port, workdir=workdir, migrate=False,
+        self.process = GatewayProcess(settings, env=self.env, port=port, workdir=workdir, migrate=False,
                                       args=self.extra_args, launcher=[sys.executable, "-m", "gateway.cli"],
                                       cwd=self.tree)
         try:
