@@ -3,7 +3,8 @@
  *
  * Login modes (GET /chat/user answers {"name","token","auth"} or 401 {"error","auth"}):
  *   anonymous  the server names a guest (stable per browser through a cookie); CONNECT sends it as `login`.
- *   users      the page asks login/passcode, checks them with POST /chat/login, keeps them for this tab
+ *   users      the page asks login/passcode, checks them with POST /chat/login (which also sets the
+ *              HttpOnly chat_session cookie the REST calls need), keeps them for this tab
  *              (sessionStorage) and sends them in CONNECT.
  *   jwt        POST /chat/login answers a token (and sets an HttpOnly cookie); CONNECT sends `token`.
  *              Before every (re)connect the page asks /chat/user for a fresh token.
@@ -24,7 +25,17 @@
   }
 
   async function api(path, options) {
-    const response = await fetch(path, Object.assign({credentials: 'same-origin', cache: 'no-store'}, options));
+    let response = await fetch(path, Object.assign({credentials: 'same-origin', cache: 'no-store'}, options));
+    // users mode: the REST calls need the chat_session cookie that /chat/login sets (it lives one hour);
+    // when it has expired but this tab still holds the credentials, log in again once and retry.
+    const saved = response.status === 401 && path !== '/chat/login' ? storedCredentials() : null;
+    if (saved) {
+      const again = await fetch('/chat/login', {method: 'POST', credentials: 'same-origin', cache: 'no-store',
+                                                body: new URLSearchParams(saved)});
+      if (again.ok) {
+        response = await fetch(path, Object.assign({credentials: 'same-origin', cache: 'no-store'}, options));
+      }
+    }
     let body = null;
     const type = response.headers.get('content-type') || '';
     if (type.indexOf('json') >= 0) {
