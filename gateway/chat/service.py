@@ -4,8 +4,16 @@ Owns the chat rules of the Spring reference:
 - a client's SEND to ``/pub/chat/message`` is validated (bad JSON, unknown room, missing fields,
   oversize text -> ERROR, nothing stored), ``sender`` comes from the authenticated user when there is
   one (else the client's ``sender``, else ``UnknownUser``), it is saved through the group-commit
-  writer and published to the room only after the commit; a repeated client message id is not
-  stored again and is re-published with the original id and seq;
+  writer and published to the room only after the commit; a client message id repeated by the same
+  sender is not stored again and is re-published with the original id and seq (another sender's
+  equal id is a different message); a sender name that is reserved (gateway.auth.is_reserved_name)
+  is refused when the session has no user;
+- authorization (gateway.authz, docs/security.md): the hub's ``authorize_subscribe`` hook and every
+  SEND ask the ``authz_policy`` through a per-session cache (a SEND whose decision is cached costs a
+  dictionary lookup, no await); :meth:`ChatService.membership_changed` drops this node's cached
+  decisions about a room and closes a removed member's subscribed sessions at once; with a policy
+  other than ``open``, every ``authz_cache_ttl_s`` one batched re-check closes the sessions that lost
+  a room through a change made on another node;
 - the SEND path is pipelined: :meth:`ChatService.handle_send` validates, waits for room in the
   writer (the node's backpressure, see ``max_pending_sends``), submits, and returns a future that
   resolves after the commit, so one session can have several SENDs in one group commit;
