@@ -363,7 +363,7 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for f in setting_fields():
         default = f.default if f.default is not MISSING else None
         parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=f.name.upper(),
-                            help=f"{f.metadata['help']} [env {env_name(f.name)}; default {default!r}]")
+                            help=f"{f.metadata['help']} [env {env_name(f.name)}; default {default!r}]".replace("%", "%%"))
 
 
 def load_settings(environ: Mapping[str, str] | None = None,
