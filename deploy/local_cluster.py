@@ -30,13 +30,15 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -92,7 +94,7 @@ _SERVER_LINE = re.compile(r"^(\s*)server\s+(\S+)((?:\s+[^;]+)?);\s*$")
 
 
 def local_nginx_conf(template: str, *, listen: str, upstreams: Sequence[str], prefix: Path,
-                     workers: int = 1) -> str:
+                     workers: int = 1, down: Collection[str] = ()) -> str:
     """``deploy/nginx.conf`` for this machine: only the machine-specific directives are rewritten.
 
     ``listen`` -> ``listen``; the upstream ``chat_gateway``'s ``server`` lines -> one per address in
@@ -132,7 +134,8 @@ def local_nginx_conf(template: str, *, listen: str, upstreams: Sequence[str], pr
                 raise ValueError(f"cannot read upstream line {line!r}")
             if seen["upstream"] == 0:
                 for address in upstreams:
-                    out.append(f"{match.group(1)}server {address}{match.group(3)};")
+                    mark = " down" if address in down else ""
+                    out.append(f"{match.group(1)}server {address}{match.group(3)}{mark};")
             seen["upstream"] += 1
             continue
         out.append(line)
@@ -210,7 +213,9 @@ class LocalCluster:
     startup_timeout_s: float = 30.0
     nodes: list[Node] = field(default_factory=list)
     _redis: RedisServer | None = None
+    down: set[int] = field(default_factory=set)   # node indexes marked `down` in nginx
     _nginx: subprocess.Popen[bytes] | None = None
+    _nginx_bin: str = "nginx"
     _own_workdir: bool = False
     _logs: list[IO[bytes]] = field(default_factory=list)
 
@@ -324,14 +329,8 @@ class LocalCluster:
         (prefix / "temp").chmod(0o777)
         if self.port == 0:
             self.port = free_port()
-        conf = local_nginx_conf(NGINX_CONF.read_text(), listen=f"{HOST}:{self.port}",
-                                upstreams=[f"{HOST}:{node.port}" for node in self.nodes], prefix=prefix)
-        conf_path = prefix / "nginx.conf"
-        conf_path.write_text(conf)
-        base = [executable, "-p", str(prefix), "-e", str(prefix / "logs" / "error.log"), "-c", str(conf_path)]
-        check = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True, timeout=30)
-        if check.returncode != 0:
-            raise ClusterError(f"nginx rejected the config: {check.stderr.strip()}")
+        self._nginx_bin = executable
+        base = self._write_nginx_conf()
         log = (prefix / "logs" / "stderr.log").open("ab")
         self._logs.append(log)
         self._nginx = subprocess.Popen([*base, "-g", "daemon off;"], stdin=subprocess.DEVNULL, stdout=log,
@@ -345,6 +344,123 @@ class LocalCluster:
                 return
             time.sleep(0.05)
         raise ClusterError(f"nginx did not answer in {self.startup_timeout_s} s")
+
+    def _nginx_base(self) -> list[str]:
+        prefix = self.prefix
+        return [self._nginx_bin, "-p", str(prefix), "-e", str(prefix / "logs" / "error.log"),
+                "-c", str(prefix / "nginx.conf")]
+
+    def _write_nginx_conf(self) -> list[str]:
+        """Write nginx.conf for the current nodes (those in ``self.down`` marked ``down``), have
+        ``nginx -t`` check it, and return the nginx command line that runs it."""
+        conf = local_nginx_conf(NGINX_CONF.read_text(), listen=f"{HOST}:{self.port}",
+                                upstreams=[f"{HOST}:{node.port}" for node in self.nodes], prefix=self.prefix,
+                                down={f"{HOST}:{self.nodes[i].port}" for i in self.down})
+        (self.prefix / "nginx.conf").write_text(conf)
+        base = self._nginx_base()
+        check = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True, timeout=30)
+        if check.returncode != 0:
+            raise ClusterError(f"nginx rejected the config: {check.stderr.strip()}")
+        return base
+
+    def nginx_workers(self) -> dict[int, str]:
+        """nginx's worker processes now: pid -> process title (``nginx: worker process``, or
+        ``... is shutting down`` for a worker of an older configuration that still proxies open
+        connections). Read from /proc (Linux)."""
+        if self._nginx is None:
+            return {}
+        workers: dict[int, str] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            # pid (comm) state ppid ...: comm may contain spaces, so split after its closing parenthesis.
+            if int(stat.rsplit(")", 1)[1].split()[1]) == self._nginx.pid:
+                workers[int(entry.name)] = title
+        return workers
+
+    def reload_nginx(self, timeout_s: float = 30.0) -> None:
+        """Apply the current upstream state (``self.down``) to the running nginx and return once only
+        workers with the new configuration accept connections.
+
+        SIGHUP makes nginx's master start new workers with the new file and ask the old ones to stop
+        accepting; an old worker keeps proxying its open WebSockets ("worker process is shutting
+        down") until they close. This waits for that event: a new worker exists, and every old one
+        is gone or shutting down.
+        """
+        if self._nginx is None or self._nginx.poll() is not None:
+            raise ClusterError("nginx is not running")
+        self._write_nginx_conf()
+        before = set(self.nginx_workers())
+        self._nginx.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            workers = self.nginx_workers()
+            new = [pid for pid in workers if pid not in before]
+            old_accepting = [pid for pid in before if pid in workers and "shutting down" not in workers[pid]]
+            if new and not old_accepting:
+                return
+            if self._nginx.poll() is not None:
+                raise ClusterError(f"nginx exited on reload: {_tail(self.prefix / 'logs' / 'error.log')}")
+            time.sleep(0.02)
+        raise ClusterError(f"nginx did not take the new configuration in {timeout_s} s: "
+                           f"{_tail(self.prefix / 'logs' / 'error.log')}")
+
+    # --- rolling restart ------------------------------------------------------------------------
+
+    def swap_node(self, index: int, *, drain_timeout_s: float = 30.0,
+                  report: Callable[[str], None] = lambda line: None) -> None:
+        """Replace node ``index`` by a new process on the same port, without downtime.
+
+        1. Refuse unless another node is ready (taking the last one out would be an outage).
+        2. Mark it ``down`` in nginx and reload: new connections and requests go to the others; its
+           open WebSockets stay connected through the old nginx worker.
+        3. SIGTERM: the node answers /readyz 503, sends every session ERROR "Server shutting down,
+           reconnect" and closes it (WebSocket 1012), flushes, commits, and exits. Clients reconnect
+           through nginx to the other nodes. SIGKILL only if it has not exited after ``drain_timeout_s``.
+        4. Start the new process (the checkout's current code) on the same port and node id; wait for
+           /readyz 200 (database, Redis, listener up).
+        5. Take the ``down`` mark off and reload nginx.
+        """
+        node = self.nodes[index]
+        others = [n for n in self.nodes if n is not node and n.running
+                  and http_get(n.url + "/readyz", timeout_s=5.0)[0] == 200]
+        if not others:
+            raise ClusterError(f"no other node is ready: taking {node.node_id} out would stop the service")
+        started = time.monotonic()
+        self.down.add(index)
+        self.reload_nginx()
+        report(f"{node.node_id}: out of nginx (marked down, reloaded); "
+               f"{', '.join(n.node_id for n in others)} take new connections")
+        if node.running:
+            old_pid = node.pid
+            drain_started = time.monotonic()
+            node.gateway.signal(signal.SIGTERM)
+            code = node.gateway.stop(drain_timeout_s)
+            # uvicorn re-raises the SIGTERM it handled once it has shut down: -15 is a clean exit.
+            how = "drained and exited" if code in (0, -signal.SIGTERM) else f"exited with {code}"
+            report(f"{node.node_id}: SIGTERM to pid {old_pid}, {how} in {time.monotonic() - drain_started:.1f} s")
+        # If the new process does not get ready, the node stays marked down (nginx keeps routing
+        # around it) and the error says why; fix it and run the restart again.
+        self._spawn_node(node)
+        self._wait_ready(node)
+        report(f"{node.node_id}: new process pid {node.pid} ready on port {node.port}")
+        self.down.discard(index)
+        self.reload_nginx()
+        report(f"{node.node_id}: back in nginx; swapped in {time.monotonic() - started:.1f} s")
+
+    def rolling_restart(self, *, drain_timeout_s: float = 30.0,
+                        report: Callable[[str], None] = lambda line: None) -> None:
+        """:meth:`swap_node` for every node, one after the other (see docs/deployment.md)."""
+        if len(self.nodes) < 2:
+            raise ClusterError("a rolling restart needs at least 2 nodes (one serves while the other restarts)")
+        for index in range(len(self.nodes)):
+            self.swap_node(index, drain_timeout_s=drain_timeout_s, report=report)
+        report("rolling restart done")
 
     # --- node control (tests) -------------------------------------------------------------------
 
@@ -460,13 +576,21 @@ def _run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    control: socket.socket | None = None
     try:
         cluster.start()
-        state = cluster.describe()
+        assert cluster.workdir is not None
+        control = _control_socket(cluster.workdir / "control.sock")
+        state = dict(cluster.describe(), control=str(cluster.workdir / "control.sock"))
         state_file.write_text(json.dumps(state))
         print(_banner(state), flush=True)
         while True:
-            time.sleep(1)
+            if select.select([control], [], [], 1.0)[0]:
+                connection, _ = control.accept()
+                with connection:
+                    _serve_control(cluster, connection)
+                state = dict(cluster.describe(), control=state["control"])
+                state_file.write_text(json.dumps(state))
             for node in cluster.nodes:
                 if node.process is not None and not node.running and not node.exit_reported and not stopping:
                     print(f"local-cluster: {node.node_id} exited ({node.gateway.returncode}); "
@@ -479,12 +603,69 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if control is not None:
+            control.close()
         cluster.stop()
         current = _read_state(state_file)
         if current is not None and current.get("pid") == os.getpid():
             state_file.unlink(missing_ok=True)
     print("local-cluster: stopped", flush=True)
     return 0
+
+
+# The running cluster process takes commands on a Unix socket in its work directory (recorded in the
+# state file as "control"): one request line, then progress lines, then "ok" or "error: <why>".
+
+def _control_socket(path: Path) -> socket.socket:
+    path.unlink(missing_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    path.chmod(0o600)
+    server.listen(1)
+    return server
+
+
+def _serve_control(cluster: LocalCluster, connection: socket.socket) -> None:
+    """Run one request of ``deploy/rolling-restart`` (``rolling-restart <drain timeout s>``), streaming
+    its progress to the requester and to this process's output."""
+    connection.settimeout(30)
+    request = connection.makefile("r", encoding="utf-8").readline().split()
+
+    def report(line: str) -> None:
+        print(f"local-cluster: {line}", flush=True)
+        with contextlib.suppress(OSError):
+            connection.sendall((line + "\n").encode())
+
+    if len(request) != 2 or request[0] != "rolling-restart":
+        report(f"error: unknown request {' '.join(request)!r}")
+        return
+    try:
+        cluster.rolling_restart(drain_timeout_s=float(request[1]), report=report)
+    except (ClusterError, ValueError) as exc:
+        report(f"error: {exc}")
+    else:
+        report("ok")
+
+
+def _rolling_restart(args: argparse.Namespace) -> int:
+    state = _read_state(Path(args.state_file))
+    if state is None or not _alive(int(state.get("pid", 0))) or "control" not in state:
+        print("rolling-restart: no local cluster is running (`deploy/local-cluster start --detach` first)",
+              file=sys.stderr)
+        return 1
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(args.timeout)
+        try:
+            client.connect(state["control"])
+            client.sendall(f"rolling-restart {args.drain_timeout}\n".encode())
+            last = ""
+            for raw in client.makefile("rb"):
+                last = raw.decode(errors="replace").rstrip("\n")
+                print(f"rolling-restart: {last}", flush=True)
+        except OSError as exc:
+            print(f"rolling-restart: lost the cluster process: {exc}", file=sys.stderr)
+            return 1
+    return 0 if last == "ok" else 1
 
 
 def _start_detached(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -557,6 +738,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "--users alice:secret)")
     sub.add_parser("stop", help="stop the cluster started with --detach (or in another terminal)")
     sub.add_parser("status", help="print the running cluster's URL and processes")
+    restart = sub.add_parser("rolling-restart",
+                             help="replace every node of the running cluster, one at a time, without downtime "
+                                  "(deploy/rolling-restart)")
+    restart.add_argument("--drain-timeout", type=float, default=30.0,
+                         help="seconds a node may take to drain and exit before SIGKILL (default 30)")
+    restart.add_argument("--timeout", type=float, default=600.0,
+                         help="give up when the cluster process says nothing for this long (default 600)")
     args = parser.parse_args(argv)
     if args.command == "start":
         args.gateway_args = [a for a in args.gateway_args if a != "--"]
@@ -565,6 +753,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _start_detached(args, argv) if args.detach else _run(args)
     if args.command == "stop":
         return _stop(args)
+    if args.command == "rolling-restart":
+        return _rolling_restart(args)
     return _status(args)
 
 
