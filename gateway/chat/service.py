@@ -321,7 +321,12 @@ class ChatService:
         # first SEND to a room per authz_cache_ttl_s asks the policy); a refusal is an ERROR and close.
         allowed = self.authz.cached(session, Action.SEND, chat.room_id)
         if allowed is None:
-            refused = await self.authz.check(session, Action.SEND, chat.room_id)
+            try:
+                refused = await self.authz.check(session, Action.SEND, chat.room_id)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    raise MessageNotStored() from None  # the session stays open; sending again is safe
+                raise
             if refused is not None:
                 raise MessageRejected(refusal(refused))
         elif not allowed:
@@ -355,7 +360,13 @@ class ChatService:
         """The hub's ``authorize_subscribe`` hook: raises SubscriptionDenied with a clear message."""
         room_id = self.room_of(destination)
         if room_id is not None:
-            refused = await self.authz.check(session, Action.SUBSCRIBE, room_id)
+            try:
+                refused = await self.authz.check(session, Action.SUBSCRIBE, room_id)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    raise SubscriptionDenied("cannot check access to the room now, the database is "
+                                             "unavailable: subscribe again") from None
+                raise
             if refused is not None:
                 raise SubscriptionDenied(refusal(refused))
             return

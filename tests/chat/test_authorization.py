@@ -37,7 +37,7 @@ from gateway.auth import SYSTEM_SENDER_NAME, is_reserved_name
 from gateway.authz import wildcard_may_match
 from gateway.chat.migrations import upgrade
 from gateway.chat.payload import SYSTEM_SENDER
-from gateway.chat.service import ChatService
+from gateway.chat.service import ChatService, ChatSessionState
 from gateway.jwt_auth import key_from_secret, mint_token
 from gateway.settings import SettingsError, load_settings
 from tests.support.live_server import LiveServer
@@ -470,3 +470,40 @@ async def test_a_hook_that_is_not_async_is_refused_at_start(tmp_path: Path) -> N
     settings = load_settings(environ={}, database_url=url, authz_policy="json:dumps")
     with pytest.raises(ValueError, match="must be an async function"):
         create_app(settings)
+
+
+class _DownStore:
+    """A membership store whose database is unreachable."""
+
+    async def is_member(self, room_id: str, user: str) -> bool:
+        raise ConnectionRefusedError("database down")
+
+    async def memberships(self, pairs: Any) -> set[tuple[str, str]]:
+        raise ConnectionRefusedError("database down")
+
+
+async def test_members_checks_while_the_database_is_down_say_so() -> None:
+    """SUBSCRIBE: an ERROR saying to subscribe again; SEND: 'not stored, retry' (the session stays
+    open, as for a SEND the database could not store); the periodic re-check closes nobody."""
+    from types import SimpleNamespace
+
+    from gateway.authz import Authorizer, MembersPolicy
+    from gateway.hub import InboundMessage, MessageNotStored, SessionInfo, SubscriptionDenied
+
+    settings = load_settings(environ={}, **mode_settings("users", authz_policy="members"))
+    writer = SimpleNamespace(on_commit=None)
+    hub = SimpleNamespace(sessions={}, node_id="n")
+    repository = SimpleNamespace(get_room=None)
+    service = ChatService(settings, repository, writer, SimpleNamespace(), hub,  # type: ignore[arg-type]
+                          authz=Authorizer(MembersPolicy(_DownStore()), ttl_s=5.0))
+    service._known_rooms.add("r1")
+    session = SessionInfo("s1", "websocket", "127.0.0.1", user="bob")
+    with pytest.raises(SubscriptionDenied, match="database is unavailable: subscribe again"):
+        await service.authorize_subscribe(session, "1", "/sub/chat/room/r1")
+    inbound = InboundMessage(session, "/pub/chat/message", (), talk("r1", "hello").encode())
+    with pytest.raises(MessageNotStored):
+        await service.handle_send(inbound)
+    hub.sessions["s1"] = SimpleNamespace(info=session)
+    ChatSessionState.of(session).rooms["1"] = "r1"
+    with pytest.raises(ConnectionRefusedError):
+        await service.recheck_subscriptions()   # the background loop logs nothing for this and retries
