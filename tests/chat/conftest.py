@@ -63,6 +63,9 @@ async def make_server(tmp_path: Path) -> AsyncIterator[Any]:
     servers: list[LiveServer] = []
 
     async def make(**overrides: Any) -> LiveServer:
+        # These tests push thousands of SENDs from one session to exercise pipelining, storage and
+        # resume; the SEND rate limit (50/s, burst 500 by default) is tested in tests/limits.
+        overrides.setdefault("send_rate_per_s", 0)
         url = f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"
         await asyncio.to_thread(upgrade, url)
         settings = load_settings(environ={}, database_url=url, heartbeat_receive_ms=0, node_id="test-node",
