@@ -284,6 +284,8 @@ class ChatService:
             head = await self.repository.last_seq(room_id)
             if head is None:
                 raise MessageRejected(f"Unknown room {room_id!r}")
+            if after > head:
+                raise MessageRejected(f"resume point {after} is ahead of the room (last seq {head})")
             if head - after > limit:
                 raise MessageRejected(f"resume point {after} is more than {limit} messages behind the room "
                                       f"(last seq {head}): load its history over REST, then subscribe again")

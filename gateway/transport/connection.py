@@ -144,6 +144,9 @@ class StompConnection:
         self._inflight: deque[_InFlight] = deque()
         # Subscriptions resuming after a seq: live MESSAGEs wait here until the history before them is out.
         self._catching_up: dict[str, list[MessageTemplate]] = {}
+        # After a replay: the last seq replayed per subscription, until a live MESSAGE passes it (a
+        # message read from the database may reach this node through the bus after the replay).
+        self._replayed_up_to: dict[str, int] = {}
         self._queue_low = asyncio.Event()   # set by the writer when the queue is under half its limit
         self._refusing = False   # a SEND failed: read nothing more, its ERROR closes the session
         if hub.limits is None:
@@ -227,8 +230,19 @@ class StompConnection:
         if self._catching_up:
             held = self._catching_up.get(subscription_id)
             if held is not None:
+                if len(held) >= self.settings.resume_max_messages:
+                    log.info("session %s: %d live messages held behind a replay, closing slow consumer",
+                             self.info.session_id, len(held))
+                    self._abort_slow()
+                    return
                 held.append(template)
                 return
+        if self._replayed_up_to:
+            floor = self._replayed_up_to.get(subscription_id)
+            if floor is not None and template.seq is not None:
+                if template.seq <= floor:
+                    return  # replayed from history already; its bus copy arrived late
+                del self._replayed_up_to[subscription_id]
         self._render(template, subscription_id)
 
     def _render(self, template: MessageTemplate, subscription_id: str) -> None:
@@ -305,13 +319,19 @@ class StompConnection:
                     await self.hub.unsubscribe(self, event.subscription_id, event.destination,
                                                run_hooks=False)
                     return
+                history: list[MessageTemplate] = []
+                if resume_after is not None:
+                    # Read before the RECEIPT: a refused resume is an ERROR without a RECEIPT.
+                    history = await self._resume_history(event.subscription_id, event.destination,
+                                                         resume_after)
                 if event.receipt is not None:
                     self.session.send_receipt(event.receipt)
                     self._drain_session()
                 if resume_after is not None:
-                    await self._resume(event.subscription_id, event.destination, resume_after)
+                    await self._replay(event.subscription_id, resume_after, history)
                 await self.hub.subscribed(self, event.subscription_id, event.destination)
             elif isinstance(event, Unsubscribed):
+                self._replayed_up_to.pop(event.subscription_id, None)
                 await self.hub.unsubscribe(self, event.subscription_id, event.destination)
                 if event.receipt is not None:
                     self.session.send_receipt(event.receipt)
@@ -462,13 +482,16 @@ class StompConnection:
             raise MessageRejected(f"{RESUME_HEADER} must be a sequence number (0 or more), not {raw!r}")
         return int(raw)
 
-    async def _resume(self, subscription_id: str, destination: str, after: int) -> None:
-        """Send the history after ``after``, then the live MESSAGEs held meanwhile, without overlap."""
+    async def _resume_history(self, subscription_id: str, destination: str, after: int) -> list[MessageTemplate]:
         try:
-            history = await self.hub.resume(destination, after)
+            return await self.hub.resume(destination, after)
         except BaseException:
             self._catching_up.pop(subscription_id, None)
             raise
+
+    async def _replay(self, subscription_id: str, after: int, history: list[MessageTemplate]) -> None:
+        """Send the history after ``after``, then the live MESSAGEs held meanwhile, without overlap;
+        later live copies of replayed messages are dropped too."""
         last = after
         for template in history:
             # Paced by the writer: a long replay never makes this session a slow consumer by itself.
@@ -479,9 +502,9 @@ class StompConnection:
                 return
             self._render(template, subscription_id)
             last = template.seq if template.seq is not None else last
+        self._replayed_up_to[subscription_id] = last
         for template in self._catching_up.pop(subscription_id, []):
-            if template.seq is None or template.seq > last:
-                self._render(template, subscription_id)
+            self.deliver(template, subscription_id)
 
     def _fail(self, message: str, receipt: str | None, *, code: int | None = None) -> None:
         close = self.session.send_error(message, receipt)

@@ -30,7 +30,8 @@ def big_sends(room: str, tag: str, count: int) -> bytes:
 
 
 async def test_resume_replays_after_the_seq_then_goes_live_without_gap_or_duplicate(make_server: Any) -> None:
-    server = await make_server()
+    # The resumer stops reading on purpose below: a loaded machine must not make that a slow consumer.
+    server = await make_server(outbound_send_timeout_s=120)
     room = await create_room(server)
     sender = await client(server)
     for _ in range(10):
@@ -96,3 +97,17 @@ async def test_bad_resume_headers_are_errors(make_server: Any) -> None:
         await ws.send_frame("SUBSCRIBE", {"destination": destination, "id": "s", RESUME: value})
         error = await ws.next_frame(30)
         assert error.command == "ERROR" and reason in (error.get("message") or ""), error
+
+
+async def test_a_resume_point_ahead_of_the_room_is_an_error_without_a_receipt(make_server: Any) -> None:
+    server = await make_server()
+    room = await create_room(server)
+    sender = await client(server)
+    await sender.send(sends(room, "m", 2))
+    await receipts(sender, 2)
+    resumer = await client(server)
+    await resumer.send_frame("SUBSCRIBE", {"destination": ROOM_PREFIX + room, "id": "s", RESUME: "7",
+                                           "receipt": "sub"})
+    error = await resumer.next_frame(30)   # the resume is refused before the RECEIPT
+    assert error.command == "ERROR" and error.get("receipt-id") == "sub"
+    assert "ahead of the room (last seq 2)" in (error.get("message") or "")

@@ -242,11 +242,6 @@ async def test_stompjs_resumes_on_another_node_after_its_node_is_killed(cluster_
 
 # --- many resumes into a room the node already serves, under live traffic from both nodes -----------
 
-@pytest.mark.xfail(reason="gateway bug, reported to the lead: a message committed on ANOTHER node before the "
-                          "resume's history read but published to this node after the replay ended is delivered "
-                          "twice (e.g. ... 107, 108, 108, 109): StompConnection._resume filters seq <= last replayed "
-                          "only for the live messages held during the replay. Remove this marker with the fix.",
-                   strict=False)
 async def test_repeated_resumes_under_live_traffic_are_contiguous(cluster_factory: Any) -> None:
     """A node that already serves the room (another subscriber is there) and gets messages both from
     its own sessions and through Redis: every resume, from a point a little behind the head, yields
