@@ -149,13 +149,23 @@ class ChatClient:
                     except TimeoutError:
                         continue
                 await ws.close()
-            except (ConnectionClosed, Lost, TimeoutError) as exc:
+            except (ConnectionClosed, Lost, TimeoutError):
                 self.idle = False
                 lost_at = time.monotonic()
-                code = exc.rcvd.code if isinstance(exc, ConnectionClosed) and exc.rcvd is not None else None
-                if isinstance(exc, Lost):
-                    code = (await ws.closed(DEADLINE_S))[0]
-                self.close_codes.append(code)
+                self.close_codes.append(await self._rest_of(ws))
+
+    async def _rest_of(self, ws: WsStompClient) -> int | None:
+        """Read what the server sent before it closed (a SEND fails on the closed socket before the
+        ERROR queued ahead of the close is read); return the close code."""
+        while True:
+            try:
+                self._on_frame(await ws.next_frame(DEADLINE_S))
+            except Lost:
+                continue
+            except ConnectionClosed as exc:
+                return exc.rcvd.code if exc.rcvd is not None else None
+            except TimeoutError:
+                return None
 
 
 async def until(predicate: Any, what: str, timeout: float = DEADLINE_S) -> None:
