@@ -125,3 +125,25 @@ async def test_past_the_connection_cap_new_connections_are_closed_on_accept_with
             assert "WARNING" in next(line for line in log.splitlines() if "refusing connections" in line)
         finally:
             _close_all(conns)
+
+
+async def test_the_deadline_also_covers_a_kept_alive_connections_next_request_and_a_body() -> None:
+    with GatewayProcess({"http_request_timeout_s": 2, "heartbeat_receive_ms": 0}) as gateway:
+        # A whole request is answered; the next one on the same connection never finishes: closed.
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200")
+        await asyncio.wait_for(reader.readexactly(3), 10)          # "ok\n"
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        await writer.drain()
+        assert await _closed_by_server(reader, 30)
+        writer.close()
+        # A POST whose body never completes: closed too.
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(b"POST /chat/room HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\n\r\nname=slow")
+        await writer.drain()
+        assert await _closed_by_server(reader, 30)
+        writer.close()
