@@ -10,11 +10,10 @@ bounded outbound queue and its single writer task (past ``outbound_max_bytes`` q
 blocked past ``outbound_send_timeout_s``, the session is closed with 4500 without slowing anyone
 else), the CONNECT deadline, heart-beat timers, the credential's expiry (ERROR ``token expired`` and
 close 1008 at the token's ``exp``), the abuse limits of :mod:`gateway.limits` (sessions per client
-address at start, sessions per user at CONNECT, the SEND token bucket (the user's; in the anonymous
-mode the client address's) before each SEND reaches its
-handler: a refused SEND takes its place in the window and is answered, in order, with an ERROR
-``rate limit exceeded`` that keeps the session open, until repeated refusals close it), and closing
-exactly once.
+address at start; sessions per user at CONNECT; the SEND token bucket, the user's or in the anonymous
+mode the client address's, before each SEND reaches its handler: a refused SEND takes its place in
+the window and is answered, in order, with an ERROR ``rate limit exceeded`` that keeps the session
+open, until repeated refusals close it), and closing exactly once.
 
 The protocol decisions live in :mod:`gateway.stomp.session`; the routing in :mod:`gateway.hub`.
 Must not import Starlette or the chat domain.
