@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import subprocess
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from gateway.chat.service import ChatService, ChatSessionState
 from gateway.jwt_auth import key_from_secret, mint_token
 from gateway.settings import SettingsError, load_settings
 from tests.support.live_server import LiveServer
-from tests.support.node import run_node
+from tests.support.node import require_node, run_node
 from tests.support.polling import eventually_sync
 
 SECRET = base64.b64encode(b"a-secret-for-the-authorization-tests-0123456789").decode()
@@ -507,3 +508,32 @@ async def test_members_checks_while_the_database_is_down_say_so() -> None:
     ChatSessionState.of(session).rooms["1"] = "r1"
     with pytest.raises(ConnectionRefusedError):
         await service.recheck_subscriptions()   # the background loop logs nothing for this and retries
+
+
+SOCKJS_SCRIPT = Path(__file__).resolve().parents[1] / "transport" / "sockjs" / "sockjs_client_stomp.mjs"
+
+
+def run_sockjs_client(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """tests/transport/sockjs/sockjs_client_stomp.mjs (sockjs-client + a STOMP client), blocking."""
+    return subprocess.run([require_node(), str(SOCKJS_SCRIPT), *args], capture_output=True, text=True,
+                          timeout=40, check=False)
+
+
+@pytest.mark.node
+@pytest.mark.parametrize("transport", ["websocket", "xhr-streaming", "xhr-polling"])
+async def test_refusals_reach_sockjs_clients(make_server: Any, transport: str) -> None:
+    """The reference frontend's stack (sockjs-client + stompjs 2.3.3) with jwt and members: a SUBSCRIBE
+    to someone else's room is refused with the same ERROR over every SockJS transport."""
+    server = await make_server(**mode_settings("jwt", authz_policy="members"))
+    room = Who("alice", "jwt", server).create_room()
+    result = run_sockjs_client(
+        ["--url", server.url + "/ws-stomp", "--transport", transport, "--client", "stompjs",
+         "--subscribe", f"/sub/chat/room/{room}", "--count", "0", "--expect", "1",
+         "--header", "token:" + Who("bob", "jwt", server).token(), "--timeout-ms", "20000"])
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert result.returncode == 1, result.stdout
+    assert any(e["event"] == "connected" for e in events)
+    errors = [e for e in events if e["event"] == "error"]
+    # stompjs 2.3.3 never unescapes headers: the ':' of the 1.1 session's ERROR arrives as '\c'.
+    message = errors[0]["frame"]["headers"]["message"].replace("\\c", ":")
+    assert message == f"Access denied: 'bob' may not subscribe to room '{room}'"
