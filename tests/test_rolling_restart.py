@@ -1,7 +1,8 @@
 """Zero-downtime deploy of the seed's setup: ``deploy/rolling-restart`` while clients chat through nginx.
 
 The local cluster runs as an operator runs it (``deploy/local-cluster start --detach``): real nginx, a
-real redis-server, two ``chat-gateway serve`` processes, one SQLite database. Chat clients connect
+real redis-server, two ``chat-gateway serve`` processes, one SQLite database or a throw-away
+PostgreSQL database. Chat clients connect
 through nginx (raw STOMP over WebSocket), two rooms, several clients per room. Each client subscribes
 to its room and keeps sending TALKs, one at a time, each with a receipt and a client message id; when
 its connection is closed it reconnects through nginx and subscribes again with ``x-resume-after:<the
@@ -25,6 +26,7 @@ Waits are for events (receipts, frames, the script's exit, counts reached) with 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +43,9 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from deploy.local_cluster import ClusterError, find_executable
+from deploy.local_cluster import ClusterError, find_executable, local_nginx_conf
 from tests.support.ci import skip_or_fail
+from tests.support.postgres import temporary_database
 from tests.support.stomp_wire import WsStompClient
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis]
@@ -71,6 +75,7 @@ class ChatClient:
     seqs: list[int] = field(default_factory=list)        # x-seq of every MESSAGE, all connections
     acked: list[str] = field(default_factory=list)       # client ids with a RECEIPT
     connections: int = 0
+    resent: int = 0                                      # SENDs repeated (same client id) after a lost connection
     failed_attempts: int = 0                             # connection attempts that did not end subscribed
     outages: list[float] = field(default_factory=list)   # seconds from a lost connection to resubscribed
     close_codes: list[int | None] = field(default_factory=list)
@@ -137,6 +142,8 @@ class ChatClient:
                 self.outages.append(time.monotonic() - lost_at)
             try:
                 while not self.stop_sending.is_set() or pending is not None:
+                    if pending is not None:
+                        self.resent += 1
                     pending = pending or f"{self.name}-{len(self.acked)}"
                     await self._send(ws, pending)
                     self.acked.append(pending)
@@ -193,26 +200,59 @@ def _cli(state: Path, *args: str, timeout: float) -> subprocess.CompletedProcess
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.fixture
-def cluster_url(tmp_path: Path) -> Any:
-    """A local cluster started with the CLI (as an operator does); yields (nginx URL, state file)."""
+def _require_tools() -> None:
     for tool, package in (("nginx", "nginx"), ("redis-server", "redis-server")):
         try:
             find_executable(tool, package=package)
         except ClusterError as exc:
-            skip_or_fail(str(exc), tests="the rolling-restart test")
+            skip_or_fail(str(exc), tests="the rolling-restart tests")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def cluster_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """A local cluster started with the CLI (as an operator does) on an SQLite file or a throw-away
+    PostgreSQL database; yields (nginx URL, state file)."""
+    _require_tools()
     state = tmp_path / "state.json"
-    # All clients come through nginx from one address: the per-address SEND bucket of auth=anonymous
-    # is not what is tested here.
-    started = _cli(state, "start", "--detach", "--nodes", "2", "--", "--send-rate-per-s", "0", timeout=180)
-    assert started.returncode == 0, started.stdout + started.stderr
-    match = re.search(r"chat cluster ready: (http://127\.0\.0\.1:\d+)/chat/room", started.stdout)
-    assert match is not None, started.stdout
-    try:
-        yield match.group(1), state
-    finally:
-        stopped = _cli(state, "stop", timeout=120)
-        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    async with contextlib.AsyncExitStack() as stack:
+        database = []
+        if request.param == "postgres":
+            database = ["--database-url", await stack.enter_async_context(temporary_database())]
+        # All clients come through nginx from one address: the per-address SEND bucket of
+        # auth=anonymous is not what is tested here.
+        started = _cli(state, "start", "--detach", "--nodes", "2", *database, "--", "--send-rate-per-s", "0",
+                       timeout=180)
+        assert started.returncode == 0, started.stdout + started.stderr
+        match = re.search(r"chat cluster ready: (http://127\.0\.0\.1:\d+)/chat/room", started.stdout)
+        assert match is not None, started.stdout
+        try:
+            yield match.group(1), state
+        finally:
+            stopped = _cli(state, "stop", timeout=120)
+            assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+
+def test_a_node_marked_down_is_kept_in_the_upstream_and_real_nginx_accepts_it(tmp_path: Path) -> None:
+    _require_tools()
+    conf = local_nginx_conf((REPO / "deploy" / "nginx.conf").read_text(), listen="127.0.0.1:1",
+                            upstreams=["127.0.0.1:2", "127.0.0.1:3"], prefix=tmp_path, down={"127.0.0.1:2"})
+    assert "server 127.0.0.1:2 max_fails=1 fail_timeout=10s down;" in conf
+    assert "server 127.0.0.1:3 max_fails=1 fail_timeout=10s;" in conf
+    for sub in ("logs", "temp"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "nginx.conf").write_text(conf)
+    result = subprocess.run([find_executable("nginx"), "-t", "-p", str(tmp_path), "-e",
+                             str(tmp_path / "logs" / "error.log"), "-c", str(tmp_path / "nginx.conf")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def test_rolling_restart_without_a_running_cluster_says_so(tmp_path: Path) -> None:
+    result = subprocess.run([str(REPO / "deploy" / "rolling-restart"), "--state-file", str(tmp_path / "none.json")],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 1
+    assert "no local cluster is running" in result.stderr
 
 
 @pytest.mark.timeout(420)
@@ -300,4 +340,5 @@ async def test_rolling_restart_under_chat_loses_nothing_doubles_nothing_and_ever
 
     outages = [o for c in clients for o in c.outages]
     print(f"rolling restart {restart_s:.1f} s; {sum(len(c.acked) for c in clients)} messages acknowledged; "
-          f"{len(outages)} reconnects, longest outage {max(outages):.2f} s")
+          f"{len(outages)} reconnects, longest outage {max(outages):.2f} s; "
+          f"{sum(c.resent for c in clients)} SENDs repeated after a lost connection")
