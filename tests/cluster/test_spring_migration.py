@@ -21,16 +21,21 @@ from Redis and what the database holds:
    unreadable for a Spring listener (why it waits until the last Spring server is gone);
 4. rollback: back to ``spring`` node by node, then a Spring server listens and publishes again, and
    both directions work.
+
+And the guide's SQL for a JPA fork's tables, run as printed there on PostgreSQL.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
@@ -250,3 +255,54 @@ async def test_migration_steps_and_rollback_on_one_redis(cluster_factory: Any, r
     assert spring.unreadable == []
     await spring.stop()
     await check_history()
+
+
+def guide_sql() -> str:
+    """The JPA import SQL block of docs/migrating-from-spring.md, as printed there."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "migrating-from-spring.md").read_text()
+    match = re.search(r"```sql\n(.*?)```", text, re.S)
+    assert match is not None, "the guide has no SQL block"
+    return match.group(1)
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+async def test_the_guides_jpa_import_gives_rooms_with_history_that_continue_in_sequence(
+        cluster_factory: Any) -> None:
+    """A JPA fork's tables (ordinal enum, a NULL timestamp, two rooms) imported with the guide's SQL:
+    the gateway serves the rooms with their history numbered 1..n in Spring's id order, and the next
+    message of a room gets n + 1."""
+    cluster = await cluster_factory(1, database="postgres")
+    one, two = str(uuid4()), str(uuid4())
+    db = await asyncpg.connect(cluster.database_url.replace("+asyncpg", ""))
+    try:
+        await db.execute("""
+            CREATE TABLE chat_room (room_id varchar(255) PRIMARY KEY, name varchar(255));
+            CREATE TABLE chat_message (id bigserial PRIMARY KEY, type smallint, room_id varchar(255),
+                                       sender varchar(255), message varchar(255), created_at timestamp)""")
+        await db.executemany("INSERT INTO chat_room VALUES ($1, $2)", [(one, "room one"), (two, "room two's")])
+        await db.executemany(
+            "INSERT INTO chat_message (type, room_id, sender, message, created_at) VALUES ($1, $2, $3, $4, $5)",
+            [(0, one, "[알림]", "alice님이 방에 입장했습니다.", datetime(2024, 1, 1, 12, 0)),
+             (2, two, "bob", "hi two", datetime(2024, 1, 1, 12, 1)),
+             (2, one, "alice", "hello one", None),
+             (1, one, "[알림]", "alice님이 방에서 나갔습니다.", datetime(2024, 1, 1, 12, 3))])
+        await db.execute(guide_sql())
+    finally:
+        await db.close()
+
+    assert (await cluster.get(f"/chat/room/{one}"))["lastSeq"] == 3
+    assert (await cluster.get(f"/chat/room/{two}"))["name"] == "room two's"
+    history = await cluster.history(one)
+    assert [(m["seq"], m["type"], m["sender"], m["message"]) for m in history] == [
+        (1, "ENTER", "[알림]", "alice님이 방에 입장했습니다."), (2, "TALK", "alice", "hello one"),
+        (3, "QUIT", "[알림]", "alice님이 방에서 나갔습니다.")]
+    assert [m["message"] for m in await cluster.history(two)] == ["hi two"]
+
+    listener = await cluster.client(0)
+    await listener.subscribe(ROOM_PREFIX + one, "room", extra={"x-resume-after": "1"})
+    replayed = await received(listener, 2)
+    assert [m["seq"] for m in replayed] == [2, 3]
+    await gateway_send(cluster, 0, one, "the first message after the import")
+    live = await received(listener, 1)
+    assert live[0]["seq"] == 4 and live[0]["message"] == "the first message after the import"
