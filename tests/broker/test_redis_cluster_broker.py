@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -29,7 +29,7 @@ from tests.broker.conftest import Node
 from tests.broker.test_redis_faults import chat, client_list
 from tests.support.polling import eventually
 from tests.support.redis_cluster import RedisClusterProcesses
-from tests.support.redis_server import RedisServer, RedisServerMissing
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
 
@@ -37,17 +37,6 @@ FAST: dict[str, Any] = {"timeout_s": 5.0, "health_check_s": 1.0, "reconnect_max_
 ROOM = "/sub/chat/room/"
 
 
-@pytest.fixture(scope="module")
-def redis_cluster() -> Iterator[RedisClusterProcesses]:
-    processes = RedisClusterProcesses()
-    try:
-        processes.start()
-    except RedisServerMissing as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        yield processes
-    finally:
-        processes.close()
 
 
 class Nodes:

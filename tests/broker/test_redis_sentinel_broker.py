@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -21,24 +21,12 @@ from gateway.chat.payload import peek_seq
 from tests.broker.conftest import BARRIER, Node
 from tests.broker.test_redis_faults import chat
 from tests.support.redis_cluster import RedisSentinelGroup
-from tests.support.redis_server import RedisServerMissing
 
 pytestmark = pytest.mark.redis
 
 OPTIONS: dict[str, Any] = {"timeout_s": 5.0, "health_check_s": 1.0, "reconnect_max_s": 0.5}
 
 
-@pytest.fixture(scope="module")
-def sentinel_group() -> Iterator[RedisSentinelGroup]:
-    group = RedisSentinelGroup()
-    try:
-        group.start()
-    except RedisServerMissing as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        yield group
-    finally:
-        group.close()
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ Bounds are generous (loaded CI machines): delivery resumes within ``RESUME_S`` o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,7 +23,7 @@ import pytest
 from tests.cluster.chat_checks import RoomWatch, Traffic, check_all
 from tests.cluster.conftest import ROOM_PREFIX, Cluster
 from tests.support.redis_cluster import RedisClusterProcesses
-from tests.support.redis_server import RedisServer, RedisServerMissing
+from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis]
 
@@ -35,17 +34,6 @@ NODE_SETTINGS = {"redis_sharded_pubsub": True, "redis_reconnect_max_s": 1, "redi
                  "redis_health_check_s": 2}
 
 
-@pytest.fixture(scope="module")
-def redis_cluster() -> Iterator[RedisClusterProcesses]:
-    processes = RedisClusterProcesses()
-    try:
-        processes.start()
-    except RedisServerMissing as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        yield processes
-    finally:
-        processes.close()
 
 
 async def gateways(cluster_factory: Any, redis_cluster: RedisClusterProcesses, count: int = 3) -> Cluster:

@@ -9,14 +9,12 @@ node's listener reconnected to the new primary and reported a gap.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.cluster.chat_checks import RoomWatch, Traffic, check_all
 from tests.support.redis_cluster import RedisSentinelGroup
-from tests.support.redis_server import RedisServerMissing
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis]
 
@@ -24,17 +22,6 @@ RESUME_S = 45.0
 NODE_SETTINGS = {"redis_reconnect_max_s": 1, "redis_timeout_s": 2, "redis_health_check_s": 2}
 
 
-@pytest.fixture(scope="module")
-def sentinel_group() -> Iterator[RedisSentinelGroup]:
-    group = RedisSentinelGroup()
-    try:
-        group.start()
-    except RedisServerMissing as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        yield group
-    finally:
-        group.close()
 
 
 async def test_primary_killed_under_traffic_loses_nothing_acknowledged(
