@@ -274,11 +274,15 @@ class Authorizer:
                  if self.cached(session, Action.SUBSCRIBE, room) is None]
         if not stale:
             return []
-        requests = [AccessRequest(Action.SUBSCRIBE, session.user, room) for session, room in stale]
-        answers = await self.ask_many(requests)
+        # One question per distinct (user, room), however many sessions share it.
+        distinct = sorted({(session.user or "", session.user is None, room) for session, room in stale})
+        requests = [AccessRequest(Action.SUBSCRIBE, None if anonymous else user, room)
+                    for user, anonymous, room in distinct]
+        answers = dict(zip(distinct, await self.ask_many(requests), strict=True))
         expires = self.clock() + self.ttl_s
         refused = []
-        for (session, room), allowed in zip(stale, answers, strict=True):
+        for session, room in stale:
+            allowed = answers[(session.user or "", session.user is None, room)]
             self._decisions(session)[(Action.SUBSCRIBE, room)] = _Entry(allowed, expires)
             if not allowed:
                 refused.append((session, room))
