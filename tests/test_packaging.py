@@ -43,18 +43,19 @@ BUILD_INPUTS = ("pyproject.toml", "README.md", "gateway", "alembic", "static")
 NODE_MODULES = REPO / "node_modules"
 SOCKJS = "sockjs-client/sockjs.min.js"
 
-#: A migration a later release might ship: the installed gateway gains it in the upgrade test.
-NEXT_REVISION = '''"""A release after 0001 adds a table (tests/test_packaging.py).
+#: A migration a later release might ship: the installed gateway gains it in the upgrade test. It
+#: revises whatever head this checkout has (``{head}``) and is named one past it (``{next}``).
+NEXT_REVISION = '''"""A release after {head} adds a table (tests/test_packaging.py).
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: {next}
+Revises: {head}
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "{next}"
+down_revision = "{head}"
 branch_labels = None
 depends_on = None
 
@@ -237,24 +238,25 @@ def test_an_upgraded_release_reports_the_older_revision_until_migrate(wheel: Pat
     url = f"sqlite+aiosqlite:///{database}"
     _ok(installed.cli("migrate", "--database-url", url))
     newer = install(wheel, tmp_path)
-    (newer.versions_dir / "0002_packaging_test_marker.py").write_text(NEXT_REVISION)
     old = head_revision()
+    new = f"{int(old) + 1:04d}"
+    (newer.versions_dir / f"{new}_packaging_test_marker.py").write_text(NEXT_REVISION.format(head=old, next=new))
 
     result = newer.cli("check", "--database-url", url)
     assert result.returncode == 1, result.stdout
-    assert re.search(rf"^FAIL +schema +revision {old} is not head 0002: run `chat-gateway migrate`$",
+    assert re.search(rf"^FAIL +schema +revision {old} is not head {new}: run `chat-gateway migrate`$",
                      result.stdout, re.M), result.stdout
     assert result.stdout.rstrip().endswith("1 problem found")
 
     _ok(newer.cli("migrate", "--database-url", url))
-    assert _revision(database) == ["0002"]
-    assert re.search(r"^ok +schema +at the Alembic head revision 0002$",
+    assert _revision(database) == [new]
+    assert re.search(rf"^ok +schema +at the Alembic head revision {new}$",
                      _ok(newer.cli("check", "--database-url", url)), re.M)
 
     # The older release, pointed at the newer schema, says so instead of starting on it.
     result = installed.cli("check", "--database-url", url)
     assert result.returncode == 1
-    assert re.search(rf"^FAIL +schema +revision 0002 is unknown to this chat-gateway \(head is {old}\)",
+    assert re.search(rf"^FAIL +schema +revision {new} is unknown to this chat-gateway \(head is {old}\)",
                      result.stdout, re.M), result.stdout
 
 
