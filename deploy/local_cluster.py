@@ -13,9 +13,13 @@ As a module (tests)::
         cluster.nodes[0].node_id         # "node1"
         cluster.kill_node(0)             # SIGKILL, as a crash would
         cluster.start_node(0)            # same port and node id again
+        cluster.swap_node(0)             # zero-downtime replacement: nginx `down` + reload, drain, new process
+        cluster.rolling_restart()        # swap_node for every node, one after the other
 
 As a command (humans): ``deploy/local-cluster start [--nodes N] [--port P] [--detach]``, then
 ``deploy/local-cluster stop`` (or Ctrl-C in the foreground). ``status`` prints the running cluster.
+``deploy/rolling-restart`` (``rolling-restart`` here) asks the running cluster process, over a Unix
+socket in its work directory, to do :meth:`LocalCluster.rolling_restart` and prints its progress.
 
 Imports nothing from the gateway (it drives it as separate processes). Its redis-server and gateway
 processes, ports and HTTP checks come from ``tests.support`` (:class:`~tests.support.redis_server.RedisServer`,
