@@ -634,9 +634,7 @@ class StompConnection:
                 now = self.clock()
                 if self._expires_at is not None and time.time() >= self._expires_at:
                     log.info("session %s: token of %r expired, closing", self.info.session_id, self.info.user)
-                    self.session.send_error(TOKEN_EXPIRED)
-                    self._drain_session()
-                    self._begin_close(CLOSE_POLICY, "token expired")
+                    self._fail(TOKEN_EXPIRED, None, code=CLOSE_POLICY)
                     return
                 if self.session.peer_timed_out(now):
                     log.info("session %s: no heart-beat from client, closing", self.info.session_id)
