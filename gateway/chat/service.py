@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -254,7 +255,7 @@ class ChatService:
             while not self._outbox:
                 self._outbox_wakeup.clear()
                 await self._outbox_wakeup.wait()
-            chunk = [self._outbox[i] for i in range(min(len(self._outbox), PUBLISH_BATCH))]
+            chunk = list(itertools.islice(self._outbox, PUBLISH_BATCH))
             try:
                 await self.hub.publish_many(chunk)
             except BrokerUnavailable as exc:
@@ -265,7 +266,10 @@ class ChatService:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.redis_reconnect_max_s)
                 continue
-            for _ in range(min(len(chunk), len(self._outbox))):
+            # Only what was sent leaves the queue: an overflow in _committed may have dropped some of
+            # the chunk's publications from the front meanwhile.
+            sent = {id(publication) for publication in chunk}
+            while self._outbox and id(self._outbox[0]) in sent:
                 self._outbox.popleft()
             if failing:
                 log.info("publishing recovered")
