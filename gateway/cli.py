@@ -16,7 +16,6 @@ import contextlib
 import difflib
 import os
 import sys
-import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
@@ -202,19 +201,6 @@ def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]
     return found
 
 
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for reports and logs)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url
-    if not password:
-        return url
-    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
 def _describe_error(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     if len(text) > 300:
@@ -336,9 +322,9 @@ async def _check_redis(report: CheckReport, settings: Settings, timeout_s: float
         return
     from redis.exceptions import ResponseError
 
-    from gateway.broker.redis_urls import data_client, parse_redis_url
+    from gateway.broker.redis_urls import data_client, parse_redis_url, redact
 
-    shown = redact_url(settings.redis_url)
+    shown = redact(settings.redis_url)
     try:
         client = data_client(parse_redis_url(settings.redis_url), timeout_s=timeout_s)  # one server, Sentinel or Cluster
     except Exception as exc:  # a malformed URL
