@@ -346,10 +346,11 @@ class RedisBroker:
             raise BrokerUnavailable("the Redis broker is not started")
         if not publications:
             return
-        encoded = [self.mapper.encode(pub if pub.origin else replace(pub, origin=self.node_id))
-                   for pub in publications]
-        commands = [("SPUBLISH" if self.mapper.is_sharded(channel) else "PUBLISH", channel, payload)
-                    for channel, payload in encoded]
+        mapper = self.mapper
+        commands = []
+        for pub in publications:
+            channel, payload = mapper.encode(pub if pub.origin else replace(pub, origin=self.node_id))
+            commands.append(("SPUBLISH" if mapper.is_sharded(channel) else "PUBLISH", channel, payload))
         try:
             async with asyncio.timeout(self.timeout_s):
                 client = await self._publisher()
