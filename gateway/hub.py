@@ -162,7 +162,6 @@ class Hub:
         self.node_id = node_id
         self.registry: SubscriptionRegistry[Subscriber] = SubscriptionRegistry()
         self.sessions: dict[str, Subscriber] = {}
-        self.user_sessions: dict[str, int] = {}
         # The node's abuse limits (SEND rate, sessions per user and per address), started and stopped
         # with the hub; set by the app (a connection builds per-node ones when it finds None).
         self.limits: NodeLimits | None = None
@@ -209,9 +208,6 @@ class Hub:
         self.sessions[subscriber.info.session_id] = subscriber
 
     async def session_connected(self, subscriber: Subscriber) -> None:
-        user = subscriber.info.user
-        if user is not None:
-            self.user_sessions[user] = self.user_sessions.get(user, 0) + 1
         for hook in self.on_connect:
             await hook(subscriber.info)
 
@@ -226,12 +222,6 @@ class Hub:
             await self._remove_subscription(subscriber, sub_id, destination)
         self._subscriptions.pop(info.session_id, None)
         if connected:
-            if info.user is not None:
-                left = self.user_sessions.get(info.user, 1) - 1
-                if left <= 0:
-                    self.user_sessions.pop(info.user, None)
-                else:
-                    self.user_sessions[info.user] = left
             for hook in self.on_disconnect:
                 try:
                     await hook(info)

@@ -209,7 +209,7 @@ async def test_max_sessions_per_user_is_crossed() -> None:
     await eventually(lambda: bool(sink2.closes), "the second session's close")
     assert sink2.frames()[0].get("message") == "Too many sessions for user 'alice' (limit 1)"
     await first.receive(frame("DISCONNECT"))
-    await eventually(lambda: "alice" not in hub.user_sessions, "alice's session to end")
+    await eventually(lambda: first.info.session_id not in hub.sessions, "alice's session to end")
     third, sink3, _ = await make(hub, max_sessions_per_user=1)
     await connect(third, sink3, login="alice")
 
