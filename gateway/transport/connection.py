@@ -41,7 +41,6 @@ from gateway.limits import (
 )
 from gateway.settings import Settings
 from gateway.stomp.codec import MessageTemplate
-from gateway.stomp.frames import Frame
 from gateway.stomp.session import (
     Authenticator,
     CloseRequested,
@@ -127,7 +126,7 @@ class StompConnection:
         self.clock = clock
         session_id = f"{_prefix}{next(_ids):x}"
         self.info = SessionInfo(session_id=session_id, transport=transport, remote=remote)
-        self.session = StompSession(session_id, config, self._authenticate_wrapper(authenticator),
+        self.session = StompSession(session_id, config, authenticator,
                                     now=clock())
         self._queue: deque[bytes | _Close] = deque()
         self._queued_bytes = 0
@@ -258,12 +257,6 @@ class StompConnection:
         self._begin_close(code, reason)
 
     # --- event execution -----------------------------------------------------------------------
-
-    @staticmethod
-    def _authenticate_wrapper(authenticator: Authenticator | None) -> Authenticator:
-        def authenticate(frame: Frame) -> str | None:
-            return authenticator(frame) if authenticator is not None else None
-        return authenticate
 
     async def _count_user(self, event: Connected) -> bool:
         """Count the new session against its user's limit (cluster-wide with Redis); on refusal the
