@@ -227,9 +227,6 @@ class ChatService:
         inner.add_done_callback(lambda done: _relay(outer, done))
         return outer
 
-    async def persist_and_publish(self, message: NewMessage) -> None:
-        await self.submit(message)
-
     def _committed(self, batch: Sequence[tuple[NewMessage, SaveResult]]) -> None:
         """A group commit's messages, in commit order: deliver here first, then queue for the bus."""
         publications = [self.encode(result.message) for _, result in batch]
@@ -468,7 +465,7 @@ class ChatService:
 
     async def _system_message(self, room_id: str, kind: MessageType, text: str) -> None:
         try:
-            await self.persist_and_publish(NewMessage(room_id, kind, SYSTEM_SENDER, text))
+            await self.submit(NewMessage(room_id, kind, SYSTEM_SENDER, text))
         except MessageNotStored:
             # Best effort while the database is down; the writer logs the outage once.
             log.debug("room %s: %s not stored, the database is unavailable", room_id, kind)
