@@ -174,9 +174,10 @@ class RoomSequencer:
     def offer_local(self, publication: Publication) -> None:
         """A message this node just committed: deliver it now, in order, if the room is tracked."""
         room_id = self.room_of(publication.destination)
-        if room_id is None or room_id not in self._rooms:
+        state = None if room_id is None else self._rooms.get(room_id)
+        if room_id is None or state is None:
             return
-        for out in self.intercept(publication):
+        for out in self._order(room_id, state, publication):
             self._deliver(out)
 
     def intercept(self, publication: Publication) -> Iterable[Publication]:
@@ -186,6 +187,10 @@ class RoomSequencer:
         state = self._rooms.get(room_id)
         if state is None:
             return (publication,)
+        return self._order(room_id, state, publication)
+
+    def _order(self, room_id: str, state: _Room, publication: Publication) -> Iterable[Publication]:
+        """What of ``publication`` to deliver now for a tracked room (nothing if held or a duplicate)."""
         seq = publication.seq
         if seq is None:
             _, seq = peek_seq(publication.body)
