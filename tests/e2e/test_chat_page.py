@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -222,12 +223,23 @@ def test_page_works_over_a_forced_sockjs_fallback(contexts: Callable[..., Browse
     assert sockets == [], "the page opened a WebSocket although the transport was forced"
 
 
-def test_killed_node_page_reconnects_to_the_other_node_without_gaps(
-        contexts: Callable[..., BrowserContext], cluster: LocalCluster) -> None:
-    if EXTRA_QUERY:
-        pytest.skip("the outage is staged by blocking SockJS's /info request")
+@dataclass
+class Crash:
+    """Alice and bob chat on two nodes; alice's node was SIGKILLed and her page is kept offline."""
+
+    alice: ChatPage
+    bob: ChatPage
+    room_id: str
+    bob_node: str
+    killed: int                   # the index of alice's (killed) node in cluster.nodes
+    shown_before: int             # the highest seq alice's page showed before the crash
+    stomp: StompRecorder          # alice's STOMP frames from the crash on
+    history_requests: list[str]   # alice's history (REST) requests from the crash on
+
+
+def crash_alices_node(contexts: Callable[..., BrowserContext], cluster: LocalCluster, room_name: str) -> Crash:
     alice_ctx, bob_ctx = contexts(), contexts()
-    room_id = create_room(alice_ctx, cluster, "failover")
+    room_id = create_room(alice_ctx, cluster, room_name)
     alice, alice_node = enter(alice_ctx, cluster, room_id)
     bob, bob_node = enter_on_other_node(bob_ctx, cluster, room_id, alice_node)
     alice.send("before the crash")
@@ -243,9 +255,20 @@ def test_killed_node_page_reconnects_to_the_other_node_without_gaps(
     alice.page.on("request", lambda request: history_requests.append(request.url)
                   if "/messages?" in request.url else None)
     shown_before = int(alice.page.evaluate("window.chatRoom.lastSeq"))
-    assert shown_before >= 1
     killed = cluster.nodes.index(cluster.node_by_id(alice_node))
     cluster.kill_node(killed)
+    return Crash(alice, bob, room_id, bob_node, killed, shown_before, stomp, history_requests)
+
+
+def test_killed_node_page_reconnects_to_the_other_node_without_gaps(
+        contexts: Callable[..., BrowserContext], cluster: LocalCluster) -> None:
+    if EXTRA_QUERY:
+        pytest.skip("the outage is staged by blocking SockJS's /info request")
+    crash = crash_alices_node(contexts, cluster, "failover")
+    alice, bob, room_id, bob_node = crash.alice, crash.bob, crash.room_id, crash.bob_node
+    stomp, history_requests, shown_before, killed = (crash.stomp, crash.history_requests, crash.shown_before,
+                                                     crash.killed)
+    assert shown_before >= 1
     try:
         alice.wait_state("reconnecting")
         during = ["while you were away 1", "while you were away 2", "while you were away 3"]

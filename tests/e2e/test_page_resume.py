@@ -16,8 +16,8 @@ import pytest
 from playwright.sync_api import BrowserContext
 
 from deploy.local_cluster import LocalCluster
-from tests.e2e.conftest import StompRecorder, cluster_with, db_messages, presence, wait_for
-from tests.e2e.test_chat_page import EXTRA_QUERY, create_room, enter, enter_on_other_node
+from tests.e2e.conftest import cluster_with, db_messages, presence, wait_for
+from tests.e2e.test_chat_page import EXTRA_QUERY, crash_alices_node
 
 pytestmark = [pytest.mark.browser, pytest.mark.cluster, pytest.mark.redis]
 
@@ -34,23 +34,10 @@ def test_page_falls_back_to_history_when_its_resume_is_too_old(contexts: Callabl
                                                                 cluster: LocalCluster) -> None:
     if EXTRA_QUERY:
         pytest.skip("the outage is staged by blocking SockJS's /info request")
-    alice_ctx, bob_ctx = contexts(), contexts()
-    room_id = create_room(alice_ctx, cluster, "too far behind")
-    alice, alice_node = enter(alice_ctx, cluster, room_id)
-    bob, bob_node = enter_on_other_node(bob_ctx, cluster, room_id, alice_node)
-    alice.send("before the crash")
-    for page in (alice, bob):
-        page.wait_texts(["before the crash"])
-    wait_for(lambda: alice.pending() == 0, "alice's own message to come back")
-
-    alice.page.route("**/ws-stomp/info**", lambda route: route.abort())
-    stomp = StompRecorder().attach(alice.page)
-    history_requests: list[str] = []
-    alice.page.on("request", lambda request: history_requests.append(request.url)
-                  if "/messages?" in request.url else None)
-    shown_before = int(alice.page.evaluate("window.chatRoom.lastSeq"))
-    killed = cluster.nodes.index(cluster.node_by_id(alice_node))
-    cluster.kill_node(killed)
+    crash = crash_alices_node(contexts, cluster, "too far behind")
+    alice, bob, room_id, bob_node = crash.alice, crash.bob, crash.room_id, crash.bob_node
+    stomp, history_requests, shown_before, killed = (crash.stomp, crash.history_requests, crash.shown_before,
+                                                     crash.killed)
     try:
         alice.wait_state("reconnecting")
         during = [f"missed {i}" for i in range(RESUME_MAX + 2)]
