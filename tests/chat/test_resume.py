@@ -14,13 +14,29 @@ RESUME = "x-resume-after"
 
 
 async def seqs(ws: WsStompClient, count: int) -> list[int]:
-    out = []
+    out: list[int] = []
     while len(out) < count:
         frame = await ws.next_frame(60)
         assert frame.command == "MESSAGE", frame
         assert frame.get("x-seq") == str(json.loads(frame.body)["seq"])
         out.append(int(frame.get("x-seq") or 0))
     return out
+
+
+async def room_with(server: Any, count: int) -> str:
+    """A new room holding ``count`` stored messages (seq 1..count)."""
+    room = await create_room(server)
+    sender = await client(server)
+    await sender.send(sends(room, "m", count))
+    await receipts(sender, count)
+    return room
+
+
+async def resuming(server: Any, room: str, after: str, **headers: str) -> WsStompClient:
+    """A session that SUBSCRIBEs to ``room`` with ``x-resume-after: after``."""
+    ws = await client(server)
+    await ws.send_frame("SUBSCRIBE", {"destination": ROOM_PREFIX + room, "id": "s", RESUME: after, **headers})
+    return ws
 
 
 def big_sends(room: str, tag: str, count: int) -> bytes:
@@ -57,26 +73,17 @@ async def test_resume_replays_after_the_seq_then_goes_live_without_gap_or_duplic
 
 async def test_resume_from_zero_replays_the_whole_room(make_server: Any) -> None:
     server = await make_server()
-    room = await create_room(server)
-    sender = await client(server)
-    await sender.send(sends(room, "m", 5))
-    await receipts(sender, 5)
-    resumer = await client(server)
-    await resumer.send_frame("SUBSCRIBE", {"destination": ROOM_PREFIX + room, "id": "s", RESUME: "0"})
+    room = await room_with(server, 5)
+    resumer = await resuming(server, room, "0")
     assert await seqs(resumer, 5) == [1, 2, 3, 4, 5]
-    await sender.send(sends(room, "after", 1))
+    await (await client(server)).send(sends(room, "after", 1))
     assert await seqs(resumer, 1) == [6]
 
 
 async def test_a_resume_point_older_than_the_retention_limit_is_an_error(make_server: Any) -> None:
     server = await make_server(resume_max_messages=5)
-    room = await create_room(server)
-    sender = await client(server)
-    await sender.send(sends(room, "m", 8))
-    await receipts(sender, 8)
-    resumer = await client(server)
-    await resumer.send_frame("SUBSCRIBE", {"destination": ROOM_PREFIX + room, "id": "s", RESUME: "2",
-                                           "receipt": "sub"})
+    room = await room_with(server, 8)
+    resumer = await resuming(server, room, "2", receipt="sub")
     frames = [await resumer.next_frame(30)]
     if frames[0].command == "RECEIPT":
         frames.append(await resumer.next_frame(30))
@@ -101,13 +108,8 @@ async def test_bad_resume_headers_are_errors(make_server: Any) -> None:
 
 async def test_a_resume_point_ahead_of_the_room_is_an_error_without_a_receipt(make_server: Any) -> None:
     server = await make_server()
-    room = await create_room(server)
-    sender = await client(server)
-    await sender.send(sends(room, "m", 2))
-    await receipts(sender, 2)
-    resumer = await client(server)
-    await resumer.send_frame("SUBSCRIBE", {"destination": ROOM_PREFIX + room, "id": "s", RESUME: "7",
-                                           "receipt": "sub"})
+    room = await room_with(server, 2)
+    resumer = await resuming(server, room, "7", receipt="sub")
     error = await resumer.next_frame(30)   # the resume is refused before the RECEIPT
     assert error.command == "ERROR" and error.get("receipt-id") == "sub"
     assert "ahead of the room (last seq 2)" in (error.get("message") or "")
