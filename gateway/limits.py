@@ -395,7 +395,8 @@ class RedisSessionCounter:
         self._node_prefix = sessions_key_prefix(prefix)
         self._nodes_key = self._node_prefix + "nodes"
         self._node_key = self._node_prefix + node_id
-        self.counts: Counter[str] = Counter()   # this node's sessions per user (the truth for its hash)
+        self._local = LocalSessionCounter()     # this node's sessions per user (the truth for its hash)
+        self.counts = self._local.counts
         self._acquire: Any = None
         self._release: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -432,19 +433,14 @@ class RedisSessionCounter:
         except Exception as exc:
             # Redis is down: this node's own sessions are all it can count.
             log.warning("sessions per user: Redis unavailable, counting on this node only: %s", exc)
-            if self.counts[user] >= limit:
-                return False
-            self.counts[user] += 1
-            return True
+            return await self._local.acquire(user, limit)
         if int(counted) != 1:
             return False
         self.counts[user] += 1
         return True
 
     def release(self, user: str) -> None:
-        self.counts[user] -= 1
-        if self.counts[user] <= 0:
-            del self.counts[user]
+        self._local.release(user)
         task = asyncio.get_running_loop().create_task(self._release_one(user))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
