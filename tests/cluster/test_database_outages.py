@@ -29,7 +29,8 @@ from tests.support.stomp_wire import WsStompClient
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
 
 OUTAGE_S = 6.0
-FAST_DB = {"db_connect_timeout_s": 1, "db_statement_timeout_s": 1}
+# The sender retries as fast as the refusals come: the per-address SEND rate limit is not under test here.
+FAST_DB = {"db_connect_timeout_s": 1, "db_statement_timeout_s": 1, "send_rate_per_s": 0}
 
 
 def readyz(url: str) -> tuple[int, dict[str, Any]]:
