@@ -278,13 +278,15 @@ class StompConnection:
         self._begin_close(close.code, close.reason)
         return False
 
-    async def _rate_allowed(self) -> bool:
-        """One token from this session's SEND bucket; waits only when the bucket is not known yet."""
-        rate, key = self.limits.rate, self._rate_key
-        if key is None or rate is None:
+    def _rate_allowed(self) -> bool | None:
+        """The SEND token bucket without waiting (None: ask :meth:`_rate_wait`)."""
+        if self._rate_key is None or self.limits.rate is None:
             return True
-        allowed = rate.try_acquire(key)
-        return await rate.acquire(key) if allowed is None else allowed
+        return self.limits.rate.try_acquire(self._rate_key)
+
+    async def _rate_wait(self) -> bool:
+        assert self.limits.rate is not None and self._rate_key is not None
+        return await self.limits.rate.acquire(self._rate_key)
 
     def _rate_refused(self) -> bool:
         """Count a refused SEND; True when the refusals add up to abuse and the session must close."""
@@ -359,7 +361,10 @@ class StompConnection:
 
     async def _message(self, event: MessageSent) -> None:
         """A SEND straight to a broker destination (application SENDs go through :meth:`_submit`)."""
-        if not await self._rate_allowed():
+        allowed = self._rate_allowed()
+        if allowed is None:
+            allowed = await self._rate_wait()
+        if not allowed:
             if self._rate_refused():
                 self._fail(RATE_LIMIT_MESSAGE, event.receipt)
             else:
@@ -379,9 +384,11 @@ class StompConnection:
             await self._wait_head()
         if self._lost or self._refusing:
             return
-        allowed = await self._rate_allowed()
-        if self._lost or self._refusing:
-            return
+        allowed = self._rate_allowed()
+        if allowed is None:
+            allowed = await self._rate_wait()
+            if self._lost or self._refusing:
+                return
         if not allowed:
             # Refused before the handler: nothing is stored. Its ERROR takes the SEND's place in the
             # window, so every RECEIPT and ERROR still leaves in SEND order.
