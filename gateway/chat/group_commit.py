@@ -90,8 +90,8 @@ class GroupCommitWriter:
         self._batch_max = batch_max
         self._max_pending = max_pending
         self.on_commit = on_commit
-        self._committing = 0              # messages of the batch being committed now
-        self._room = asyncio.Event()      # set when a commit ended (reservers re-check pending)
+        self._pending = 0
+        self._room = asyncio.Event()      # set while fewer than max_pending are pending
         self._room.set()
         self._batch_timeout_s = batch_timeout_s
         self._refused = 0                 # messages refused in the current unavailability burst
@@ -123,11 +123,11 @@ class GroupCommitWriter:
     @property
     def pending(self) -> int:
         """Messages submitted and not yet committed (or failed)."""
-        return self._queue.qsize() + self._committing
+        return self._pending
 
     async def reserve(self) -> None:
         """Wait until fewer than ``max_pending`` messages are pending (at once when unbounded)."""
-        while self._max_pending is not None and self.pending >= self._max_pending and self._accepting:
+        while self._max_pending is not None and self._pending >= self._max_pending and self._accepting:
             self._room.clear()
             await self._room.wait()
 
@@ -142,6 +142,7 @@ class GroupCommitWriter:
             raise WriterClosedError("the message writer is not running")
         future: asyncio.Future[SaveResult] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(message, future))
+        self._pending += 1
         return future
 
     async def save(self, message: NewMessage) -> SaveResult:
@@ -188,12 +189,7 @@ class GroupCommitWriter:
                         break
                     assert isinstance(item, _Pending)
                     batch.append(item)
-                self._committing = len(batch)
-                try:
-                    await self._commit(batch)
-                finally:
-                    self._committing = 0
-                    self._room.set()
+                await self._commit(batch)
                 batch = []
         finally:
             self._fail_leftovers(batch)
@@ -208,11 +204,18 @@ class GroupCommitWriter:
             if isinstance(item, _Pending):
                 leftovers.append(item)
         for pending in leftovers:
+            self._settled(1)
             if not pending.future.done():
                 pending.future.set_exception(WriterClosedError("the message writer stopped before commit"))
 
+    def _settled(self, count: int) -> None:
+        self._pending -= count
+        if self._max_pending is None or self._pending < self._max_pending:
+            self._room.set()
+
     async def _commit(self, batch: list[_Pending]) -> None:
         live = [pending for pending in batch if not pending.future.done()]
+        self._settled(len(batch) - len(live))
         if not live:
             return
         self._batches += 1
@@ -240,6 +243,7 @@ class GroupCommitWriter:
 
     async def _commit_alone(self, pending: _Pending) -> None:
         if pending.future.done():
+            self._settled(1)
             return
         self._transactions += 1
         try:
@@ -286,6 +290,7 @@ class GroupCommitWriter:
 
     def _deliver(self, pending: _Pending, outcome: SaveResult | StorageError | BaseException) -> None:
         self._messages += 1
+        self._settled(1)
         if pending.future.done():
             return
         if isinstance(outcome, SaveResult):
