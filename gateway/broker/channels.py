@@ -28,8 +28,11 @@ Sharded Pub/Sub (``redis_sharded_pubsub``, off by default): room channels (the n
 are then SSUBSCRIBEd and SPUBLISHed; gateway-only envelope channels and every pattern stay classic
 Pub/Sub (Redis has no sharded pattern subscription). :attr:`RedisSubscription.sharded` says which.
 
-Room ids are non-empty, contain no ``/`` and no Ant wildcard (``*``, ``?``, ``{``) and do not
-start with the reserved ``gateway:``; other destinations under the room prefix are not rooms.
+Room ids (the one rule, :func:`valid_room_id`; the chat layer asks :func:`room_id_of` too) are
+non-empty, contain no ``/`` and no Ant wildcard (``*``, ``?``, ``{``) and do not start with the
+reserved ``gateway:`` (a room channel ``P<roomId>`` must never be a gateway-only channel
+``P gateway:…``); other destinations under the room prefix are not rooms. In ``room`` mode a room's
+channel name gives the room back: ``room_channel(r)[len(P):] == r``.
 
 Must not import redis, asyncio, Starlette, the transport layer or the chat domain (the chat JSON is
 read only through the injected reader).
@@ -46,7 +49,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.broker.base import Publication, RoomPayloadReader
-from gateway.broker.patterns import is_pattern
+from gateway.broker.patterns import WILDCARDS, is_pattern
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -54,6 +57,7 @@ if TYPE_CHECKING:
 GENERIC_CHANNEL_MARKER = "gateway:dest:"
 """Channel names ``<prefix>gateway:dest:<destination>`` carry gateway-only envelopes."""
 RESERVED_ROOM_PREFIX = "gateway:"
+"""No room id starts with this: gateway-only channels (:data:`GENERIC_CHANNEL_MARKER`) live under it."""
 ROOM_CONTENT_TYPE = "application/json"
 ENVELOPE_VERSION = 1
 ROOM_ENVELOPE_MAGIC = b"GW2\x1f"
@@ -61,7 +65,6 @@ ROOM_ENVELOPE_MAGIC = b"GW2\x1f"
 _ROOM_ENVELOPE_SEP = b"\x1f"
 PAYLOAD_FORMS = ("spring", "envelope")
 _GLOB_SPECIAL = frozenset("*?[]\\")
-_ANT_WILDCARDS = ("*", "?", "{")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -92,6 +95,20 @@ class ChannelMapper(Protocol):
 
     def is_sharded(self, channel: str) -> bool:
         """Whether ``channel`` (as returned by :meth:`encode`) is SPUBLISHed rather than PUBLISHed."""
+
+
+def valid_room_id(room_id: str) -> bool:
+    """Whether ``room_id`` may be a room: the one rule every layer applies (see the module docstring)."""
+    return (bool(room_id) and "/" not in room_id and not is_pattern(room_id)
+            and not room_id.startswith(RESERVED_ROOM_PREFIX))
+
+
+def room_id_of(room_prefix: str, destination: str) -> str | None:
+    """The room of an exact room destination ``<room_prefix><roomId>``; None for any other destination."""
+    if not destination.startswith(room_prefix):
+        return None
+    room_id = destination[len(room_prefix):]
+    return room_id if valid_room_id(room_id) else None
 
 
 def glob_escape(text: str) -> str:
@@ -160,7 +177,7 @@ def _literal_head(pattern: str) -> str:
     Every destination the pattern matches starts with the head (a trailing ``/`` before ``**`` is
     dropped, since ``/a/**`` also matches ``/a``).
     """
-    cut = min((i for i in (pattern.find(w) for w in _ANT_WILDCARDS) if i >= 0), default=len(pattern))
+    cut = min((i for i in (pattern.find(w) for w in WILDCARDS) if i >= 0), default=len(pattern))
     head = pattern[:cut]
     if pattern.startswith("**", cut) and head.endswith("/"):
         head = head[:-1]
@@ -200,17 +217,9 @@ class SpringChannelMapper:
 
     # --- naming ----------------------------------------------------------------------------------
 
-    @staticmethod
-    def valid_room_id(room_id: str) -> bool:
-        return (bool(room_id) and "/" not in room_id and not is_pattern(room_id)
-                and not room_id.startswith(RESERVED_ROOM_PREFIX))
-
     def room_id(self, destination: str) -> str | None:
-        """The room id of a room destination, else None."""
-        if not destination.startswith(self.room_prefix):
-            return None
-        room_id = destination[len(self.room_prefix):]
-        return room_id if self.valid_room_id(room_id) else None
+        """The room id of a room destination, else None (:func:`room_id_of` with this room prefix)."""
+        return room_id_of(self.room_prefix, destination)
 
     def room_channel(self, room_id: str) -> str:
         """The channel a room's ChatMessages travel on (Spring's topic for it)."""
@@ -298,7 +307,7 @@ class SpringChannelMapper:
             return self._open_room_envelope(channel_room, payload)
         body_room, seq = self._read_body(payload)
         room_id = channel_room if self.mode == "room" else body_room
-        if room_id is None or not self.valid_room_id(room_id):
+        if room_id is None or not valid_room_id(room_id):
             return None
         return Publication(self.room_prefix + room_id, payload, ROOM_CONTENT_TYPE, seq=seq)
 
@@ -312,7 +321,7 @@ class SpringChannelMapper:
             origin = parts[2].decode("utf-8")
         except UnicodeDecodeError:
             return None
-        if (channel_room is not None and room_id != channel_room) or not self.valid_room_id(room_id):
+        if (channel_room is not None and room_id != channel_room) or not valid_room_id(room_id):
             return None
         return Publication(self.room_prefix + room_id, body, ROOM_CONTENT_TYPE, origin=origin, seq=int(parts[0]))
 

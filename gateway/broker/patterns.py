@@ -12,12 +12,13 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-_PATTERN_CHARS = ("*", "?", "{")
+WILDCARDS = ("*", "?", "{")
+"""The characters that make a destination an Ant pattern (``**`` is two ``*``)."""
 
 
 def is_pattern(destination: str) -> bool:
     """True when ``destination`` contains Ant wildcards (``*``, ``?``) or ``{var}`` segments."""
-    return any(ch in destination for ch in _PATTERN_CHARS)
+    return any(ch in destination for ch in WILDCARDS)
 
 
 @lru_cache(maxsize=4096)

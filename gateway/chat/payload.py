@@ -5,7 +5,12 @@ message, userCount`` then the added fields ``id, seq, createdAt``), decoding and
 client SENDs to ``/pub/chat/message``, and reading ``seq``/``roomId`` from a payload received from
 the bus (a Spring node's payload has no ``id``/``seq``).
 
-Must not import Starlette, the transport layer or the broker.
+What a room id may be and which destination is a room is not decided here: the one rule is
+:func:`gateway.broker.channels.valid_room_id` / :func:`~gateway.broker.channels.room_id_of` (the
+channel naming depends on it); a SEND's ``roomId`` is checked with it, and ``room_id_of`` is
+re-exported for the chat modules that import it from here.
+
+Must not import Starlette, the transport layer or the broker (except that room-id rule).
 """
 
 from __future__ import annotations
@@ -15,7 +20,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from gateway.broker.channels import room_id_of, valid_room_id
 from gateway.chat.models import MessageType, Room, StoredMessage
+
+__all__ = [
+    "SYSTEM_SENDER", "UNKNOWN_SENDER", "InboundChatMessage", "InvalidChatMessage", "decode_inbound",
+    "encode_json", "encode_message", "iso", "message_dict", "peek_seq", "room_dict", "room_id_of",
+]
 
 SYSTEM_SENDER = "[알림]"
 UNKNOWN_SENDER = "UnknownUser"
@@ -23,15 +34,6 @@ UNKNOWN_SENDER = "UnknownUser"
 
 class InvalidChatMessage(ValueError):
     """A client's ChatMessage is malformed; ``str(exc)`` is the ERROR frame's message."""
-
-
-def room_id_of(room_prefix: str, destination: str) -> str | None:
-    """The room id of an exact room destination (``<prefix><roomId>``); None for anything else."""
-    if destination.startswith(room_prefix):
-        room_id = destination[len(room_prefix):]
-        if room_id and not any(ch in room_id for ch in "/*?{"):
-            return room_id
-    return None
 
 
 def _dumps(value: Any) -> bytes:
@@ -90,6 +92,9 @@ def decode_inbound(body: bytes, *, max_chars: int) -> InboundChatMessage:
     room_id = data.get("roomId")
     if not isinstance(room_id, str) or not room_id:
         raise InvalidChatMessage("ChatMessage 'roomId' is required")
+    if not valid_room_id(room_id):
+        raise InvalidChatMessage("ChatMessage 'roomId' is not a room id (no '/', '*', '?', '{', "
+                                 "and not starting with 'gateway:')")
     message = data.get("message", "")
     if message is None:
         message = ""
