@@ -220,6 +220,15 @@ class Settings:
     # --- shutdown ------------------------------------------------------------------------------
     drain_timeout_s: float = _setting(5.0, "Seconds to drain sessions and pending writes on shutdown.")
 
+    # --- fleet (gateway.chat.fleet: the nodes sharing a database) --------------------------------
+    node_heartbeat_s: float = _setting(
+        5.0, "Seconds between a node's refreshes of its entry in the gateway_nodes table (the record of "
+        "the live nodes on one database, checked at start).")
+    node_stale_s: float = _setting(
+        30.0, "Seconds after its last refresh that a node's gateway_nodes entry counts as gone (a crashed "
+        "node); must exceed node_heartbeat_s. A starting node refuses to share the database with a live "
+        "node that delivers through another Redis (or none).")
+
     def validate(self) -> Settings:
         """Return self with derived defaults filled in; raise SettingsError on a bad value."""
         positive_ints = ("max_frame_bytes", "max_headers", "max_header_line_bytes", "max_subscriptions",
@@ -243,7 +252,8 @@ class Settings:
                            "sockjs_disconnect_delay_s", "drain_timeout_s", "redis_reconnect_max_s",
                            "redis_timeout_s", "redis_health_check_s", "db_busy_timeout_s",
                            "presence_refresh_s", "room_head_check_s", "db_connect_timeout_s",
-                           "db_statement_timeout_s", "rate_limit_sync_s", "http_request_timeout_s")
+                           "db_statement_timeout_s", "rate_limit_sync_s", "http_request_timeout_s",
+                           "node_heartbeat_s", "node_stale_s")
         for name in positive_floats:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive (got {getattr(self, name)})")
@@ -306,6 +316,9 @@ class Settings:
         if self.workers > 1 and self.redis_url is None:
             raise SettingsError(
                 "workers > 1 needs redis_url: nodes share messages and presence only through Redis")
+        if self.node_stale_s <= self.node_heartbeat_s:
+            raise SettingsError(f"node_stale_s ({self.node_stale_s:g}) must exceed node_heartbeat_s "
+                                f"({self.node_heartbeat_s:g}): a live node would count as gone between refreshes")
         if self.max_header_line_bytes > self.max_frame_bytes:
             raise SettingsError("max_header_line_bytes must not exceed max_frame_bytes")
         if not self.node_id:

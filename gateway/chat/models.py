@@ -1,8 +1,8 @@
 """The chat storage model: the SQLAlchemy tables and the plain values the repository hands out.
 
-Owns the schema of ``rooms``, ``messages`` and ``room_members`` (the Alembic migrations in
-``alembic/versions`` must produce exactly this metadata; a test compares them) and the immutable
-value types ``Room``, ``NewMessage``, ``StoredMessage`` and ``SaveResult``.
+Owns the schema of ``rooms``, ``messages``, ``room_members`` and ``gateway_nodes`` (the Alembic
+migrations in ``alembic/versions`` must produce exactly this metadata; a test compares them) and the
+immutable value types ``Room``, ``NewMessage``, ``StoredMessage`` and ``SaveResult``.
 
 Schema notes:
 
@@ -15,6 +15,9 @@ Schema notes:
   message by reusing its id (migration 0002; 0001 had ``(room_id, client_msg_id)``).
 * ``room_members`` lists who belongs to a room (the ``members`` authorization policy, gateway.authz):
   one row per (room, user name), deleted with the room.
+* ``gateway_nodes`` records the live gateway nodes on this database and how each delivers (its
+  Redis and channel settings): one row per node, refreshed every ``node_heartbeat_s``, deleted at a
+  clean stop (gateway.chat.fleet owns its SQL; migration 0003).
 * Timestamps are stored in UTC and always come back timezone-aware (UTC), on SQLite too.
 
 This module imports only SQLAlchemy and the standard library; nothing from the rest of the gateway.
@@ -126,6 +129,26 @@ room_members = sa.Table(
 
 # "Which rooms is this user in" (GET /chat/rooms under the members policy).
 sa.Index("ix_room_members_user_name", room_members.c.user_name)
+
+gateway_nodes = sa.Table(
+    "gateway_nodes",
+    metadata,
+    sa.Column("node_id", sa.String(), primary_key=True),
+    # A random token per process start: a restarted node with the same node_id replaces the row,
+    # and the old process (if it still runs) then no longer refreshes or deletes it.
+    sa.Column("incarnation", sa.String(32), nullable=False),
+    # The delivery fingerprint: where Redis is (without credentials; NULL = no Redis, the in-memory
+    # broker) and the channel settings, which must agree between nodes that share the database.
+    sa.Column("redis", sa.String(), nullable=True),
+    sa.Column("channel_mode", sa.String(16), nullable=False),
+    sa.Column("channel_prefix", sa.String(), nullable=False),
+    sa.Column("single_channel", sa.String(), nullable=False),
+    sa.Column("sharded_pubsub", sa.Boolean(), nullable=False),
+    sa.Column("payload", sa.String(16), nullable=False),
+    # Both from the database's clock (gateway.chat.fleet), never the node's.
+    sa.Column("started_at", UTCDateTime(), nullable=False),
+    sa.Column("last_seen", UTCDateTime(), nullable=False),
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,7 @@ async def describe(url: str) -> dict[str, Any]:
 
 
 def assert_at_head(described: dict[str, Any]) -> None:
-    assert described["tables"] == {"alembic_version", "rooms", "messages", "room_members"}
+    assert described["tables"] == {"alembic_version", "rooms", "messages", "room_members", "gateway_nodes"}
     assert described["versions"] == [head_revision()]
     assert described["diff"] == []  # the migrated schema is exactly gateway.chat.models
     assert described["message_indexes"]["uq_messages_room_sender_client_msg_id"] == (
@@ -91,6 +91,33 @@ async def test_upgrade_downgrade_upgrade(empty_database_url: str) -> None:
         room = await repo.create_room("after")
         (result,) = await repo.save_messages([NewMessage(room.room_id, MessageType.TALK, "a", "y")])
         assert result.message.seq == 1
+    finally:
+        await engine.dispose()
+
+
+async def test_gateway_nodes_down_to_0002_and_up_again(database_url: str) -> None:
+    """Migration 0003 adds only gateway_nodes; its downgrade drops only that (rooms survive)."""
+    engine = make_engine(database_url)
+    try:
+        room = await ChatRepository(engine).create_room("kept")
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(
+                "INSERT INTO gateway_nodes (node_id, incarnation, redis, channel_mode, channel_prefix, "
+                "single_channel, sharded_pubsub, payload, started_at, last_seen) VALUES "
+                "('n', 'i', NULL, 'room', '', 'chatroom', false, 'spring', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+    finally:
+        await engine.dispose()
+    await asyncio.to_thread(downgrade, database_url, "0002")
+    described = await describe(database_url)
+    assert described["tables"] == {"alembic_version", "rooms", "messages", "room_members"}
+    assert described["versions"] == ["0002"]
+    await asyncio.to_thread(upgrade, database_url)
+    assert_at_head(await describe(database_url))
+    engine = make_engine(database_url)
+    try:
+        assert [r.room_id for r in await ChatRepository(engine).list_rooms()] == [room.room_id]
+        async with engine.connect() as conn:
+            assert (await conn.execute(sa.text("SELECT count(*) FROM gateway_nodes"))).scalar_one() == 0
     finally:
         await engine.dispose()
 
