@@ -10,6 +10,8 @@ It decides; the I/O layer executes:
 - ``data_to_send()`` returns queued outbound bytes; ``render_message`` builds one MESSAGE for a
   subscription; ``send_receipt``/``send_error`` queue answers after the I/O layer did its part.
 - ``heartbeat_due``/``peer_timed_out`` implement the heart-beat timers against an injected clock.
+- ``on_frame`` (optional) is called with the command of every frame parsed, before it is handled (the
+  I/O layer counts frames with it).
 
 A protocol violation never raises out of ``receive_data``: it becomes an ERROR frame (with the bad
 frame's ``receipt-id`` when it had a receipt) followed by a :class:`CloseRequested` event (1002).
@@ -24,7 +26,8 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from gateway.stomp.codec import FrameParser, MessageTemplate, escape, serialize
 from gateway.stomp.frames import Frame, ProtocolError
@@ -142,23 +145,35 @@ class CloseRequested:
 Event = Connected | Subscribed | Unsubscribed | MessageSent | ReceiptRequested | DisconnectRequested | CloseRequested
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SessionConfig:
-    max_frame_bytes: int = 65536
-    max_headers: int = 64
-    max_header_line_bytes: int = 8192
-    max_subscriptions: int = 100
-    max_transactions: int = 10
-    max_transaction_frames: int = 1000
-    max_transaction_bytes: int = 1048576
-    max_pending_acks: int = 10000
-    heartbeat_send_min_ms: int = 1000
-    heartbeat_receive_ms: int = 10000
-    heartbeat_grace: float = 2.5
-    app_prefixes: tuple[str, ...] = ("/pub",)
-    broker_prefixes: tuple[str, ...] = ("/sub",)
-    allow_client_broker_send: bool = False
+    """A session's limits and prefixes. Every field but ``server_name`` is the setting of the same
+    name, whose default and meaning are written once, in ``gateway.settings``: build one with
+    :meth:`of` (this layer cannot import the settings, so it has no defaults of its own)."""
+
+    max_frame_bytes: int
+    max_headers: int
+    max_header_line_bytes: int
+    max_subscriptions: int
+    max_transactions: int
+    max_transaction_frames: int
+    max_transaction_bytes: int
+    max_pending_acks: int
+    heartbeat_send_min_ms: int
+    heartbeat_receive_ms: int
+    heartbeat_grace: float
+    app_prefixes: tuple[str, ...]
+    broker_prefixes: tuple[str, ...]
+    allow_client_broker_send: bool
     server_name: str = "chat-gateway/0.1"
+
+    @classmethod
+    def of(cls, settings: object, **overrides: Any) -> SessionConfig:
+        """The config whose fields are the same-named attributes of ``settings`` (a
+        ``gateway.settings.Settings``), then ``overrides``. A missing one is a TypeError."""
+        values = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
+        values.update(overrides)
+        return cls(**values)
 
 
 @dataclass(slots=True)
@@ -180,10 +195,12 @@ class _Transaction:
 class StompSession:
     """Server side of one STOMP connection. See the module docstring."""
 
-    def __init__(self, session_id: str, config: SessionConfig | None = None,
-                 authenticator: Authenticator | None = None, *, now: float = 0.0) -> None:
+    def __init__(self, session_id: str, config: SessionConfig,
+                 authenticator: Authenticator | None = None, *, now: float = 0.0,
+                 on_frame: Callable[[str], None] | None = None) -> None:
         self.session_id = session_id
-        self.config = config or SessionConfig()
+        self.on_frame = on_frame
+        self.config = config
         self._authenticate = authenticator
         self.state = State.AWAITING_CONNECT
         self.version: str | None = None
@@ -227,7 +244,10 @@ class StompSession:
             frames = self._parser.feed(data)
         except ProtocolError as exc:
             return [self._fail(exc.message, exc.receipt_id)]
+        on_frame = self.on_frame
         for frame in frames:
+            if on_frame is not None:
+                on_frame(frame.command)
             try:
                 self._handle(frame, events)
             except ProtocolError as exc:

@@ -15,6 +15,10 @@ mode the client address's, before each SEND reaches its handler: a refused SEND 
 the window and is answered, in order, with an ERROR ``rate limit exceeded`` that keeps the session
 open, until repeated refusals close it), and closing exactly once.
 
+Also counts, with the pre-bound children of :mod:`gateway.metrics`: sessions and connections by
+transport, frames in and out by command (MESSAGEs added up per connection and flushed by the writer
+once per transport write, not per frame), ERRORs by reason, slow-consumer closes and limit refusals.
+
 The protocol decisions live in :mod:`gateway.stomp.session`; the routing in :mod:`gateway.hub`.
 Must not import Starlette or the chat domain.
 """
@@ -31,7 +35,15 @@ from collections import deque
 from collections.abc import Callable
 
 from gateway.broker.base import BrokerUnavailable, Publication
-from gateway.hub import RESUME_HEADER, Hub, InboundMessage, MessageRejected, SessionInfo, SubscriptionDenied
+from gateway.hub import (
+    RESUME_HEADER,
+    Hub,
+    InboundMessage,
+    MessageNotStored,
+    MessageRejected,
+    SessionInfo,
+    SubscriptionDenied,
+)
 from gateway.limits import (
     RATE_LIMIT_MESSAGE,
     NodeLimits,
@@ -39,8 +51,19 @@ from gateway.limits import (
     address_of,
     create_limits,
 )
+from gateway.metrics import (
+    CONNECTIONS,
+    ERRORS_BY_REASON,
+    FRAMES_IN_BY_COMMAND,
+    FRAMES_OUT_BY_COMMAND,
+    FRAMES_OUT_MESSAGE,
+    LIMIT_REFUSALS_BY_LIMIT,
+    SESSIONS,
+    SLOW_CONSUMER_BY_CAUSE,
+)
 from gateway.settings import Settings
 from gateway.stomp.codec import MessageTemplate
+from gateway.stomp.frames import Frame
 from gateway.stomp.session import (
     Authenticator,
     CloseRequested,
@@ -70,17 +93,22 @@ TOKEN_EXPIRED = "token expired"
 _ids = itertools.count(1)
 _prefix = f"{os.getpid():x}"
 
+# Server frames by their first byte (CONNECTED, RECEIPT, ERROR: what the session queues itself).
+_FRAMES_OUT_BY_FIRST_BYTE = {ord(command[0]): child for command, child in FRAMES_OUT_BY_COMMAND.items()
+                             if command != "MESSAGE"}
+# The ERROR of a close_soon, by its close reason (anything else is the node draining).
+_CLOSE_ERROR_REASONS = {"access revoked": "access_revoked"}
+
+
+def _count_frame_in(command: str) -> None:
+    child = FRAMES_IN_BY_COMMAND.get(command)
+    if child is not None:
+        child.inc()
+
 
 def session_config(settings: Settings) -> SessionConfig:
-    return SessionConfig(
-        max_frame_bytes=settings.max_frame_bytes, max_headers=settings.max_headers,
-        max_header_line_bytes=settings.max_header_line_bytes, max_subscriptions=settings.max_subscriptions,
-        max_transactions=settings.max_transactions, max_transaction_frames=settings.max_transaction_frames,
-        max_transaction_bytes=settings.max_transaction_bytes,
-        max_pending_acks=settings.max_pending_acks, heartbeat_send_min_ms=settings.heartbeat_send_min_ms,
-        heartbeat_receive_ms=settings.heartbeat_receive_ms, heartbeat_grace=settings.heartbeat_grace,
-        app_prefixes=settings.app_prefixes, broker_prefixes=settings.broker_prefixes,
-        allow_client_broker_send=settings.allow_client_broker_send)
+    """The STOMP session's limits and prefixes: the settings of the same names."""
+    return SessionConfig.of(settings)
 
 
 def _is_text(frame: bytes) -> bool:
@@ -104,14 +132,15 @@ class _Close:
 class _InFlight:
     """One SEND read and handed to its handler, in SEND order: done when ``future`` is."""
 
-    __slots__ = ("error", "fatal", "future", "receipt")
+    __slots__ = ("error", "fatal", "future", "reason", "receipt")
 
     def __init__(self, future: asyncio.Future[None] | None, receipt: str | None, error: str | None,
-                 fatal: bool = True) -> None:
+                 fatal: bool = True, reason: str = "rejected") -> None:
         self.future = future
         self.receipt = receipt
         self.error = error
         self.fatal = fatal   # an ERROR for it closes the session
+        self.reason = reason  # the metrics' reason label of that ERROR
 
 
 class StompConnection:
@@ -126,8 +155,10 @@ class StompConnection:
         self.clock = clock
         session_id = f"{_prefix}{next(_ids):x}"
         self.info = SessionInfo(session_id=session_id, transport=transport, remote=remote)
-        self.session = StompSession(session_id, config, authenticator,
-                                    now=clock())
+        self._authenticator = authenticator
+        self._auth_refused = False   # the authenticator refused the CONNECT (the ERROR's metrics reason)
+        self.session = StompSession(session_id, config, self._authenticate if authenticator else None,
+                                    now=clock(), on_frame=_count_frame_in)
         self._queue: deque[bytes | _Close] = deque()
         self._queued_bytes = 0
         self._wakeup = asyncio.Event()
@@ -156,6 +187,9 @@ class StompConnection:
         self._refusals = RefusalMeter(settings.send_rate_close_after)
         self._rate_key: str | None = None          # whose SEND budget in limits.rate (set at CONNECT)
         self._expires_at: float | None = None      # the credential's expiry, epoch seconds
+        self._sessions_gauge = SESSIONS.labels(transport)
+        self._gauged = False                       # counted in chat_gateway_sessions (until lost)
+        self._messages_out = 0                     # MESSAGEs queued, not yet added to the metric
 
     # --- Connection protocol ----------------------------------------------------------------
 
@@ -164,12 +198,17 @@ class StompConnection:
         return self._closing or self._lost
 
     async def start(self) -> None:
+        CONNECTIONS.labels(self.info.transport).inc()
+        self._sessions_gauge.inc()
+        self._gauged = True
         self.hub.register(self)
         self._writer_task = asyncio.create_task(self._writer(), name=f"stomp-writer-{self.info.session_id}")
         self._tasks.append(self._writer_task)
         if not self.limits.addresses.acquire(self._address):
             limit = self.limits.addresses.limit
-            self._fail(f"Too many connections from this address (limit {limit})", None, code=CLOSE_POLICY)
+            LIMIT_REFUSALS_BY_LIMIT["connections_per_address"].inc()
+            self._fail(f"Too many connections from this address (limit {limit})", None, code=CLOSE_POLICY,
+                       reason="too_many_connections")
             return
         self._address_counted = True
         self._tasks.append(asyncio.create_task(self._timers(), name=f"stomp-timers-{self.info.session_id}"))
@@ -184,8 +223,11 @@ class StompConnection:
                 events = self.session.receive_data(data, self.clock())
             except Exception:  # a bug in the session: never a traceback on the wire or a dead task
                 log.exception("session %s: internal error receiving data", self.info.session_id)
-                self._fail("Internal server error", None, code=CLOSE_INTERNAL)
+                self._fail("Internal server error", None, code=CLOSE_INTERNAL, reason="internal")
                 return
+            if events and isinstance(events[-1], CloseRequested):
+                # The session refused a frame itself and queued its ERROR.
+                ERRORS_BY_REASON["auth" if self._auth_refused else "protocol"].inc()
             if events and isinstance(events[0], Connected) and not await self._count_user(events[0]):
                 return
             self._drain_session()
@@ -206,6 +248,10 @@ class StompConnection:
         if self._lost:
             return
         self._lost = True
+        if self._gauged:
+            self._gauged = False
+            self._sessions_gauge.dec()
+        self._flush_messages_out()
         if self._address_counted:
             self._address_counted = False
             self.limits.addresses.release(self._address)
@@ -231,7 +277,7 @@ class StompConnection:
                 if len(held) >= self.settings.resume_max_messages:
                     log.info("session %s: %d live messages held behind a replay, closing slow consumer",
                              self.info.session_id, len(held))
-                    self._abort_slow()
+                    self._abort_slow("resume_backlog")
                     return
                 held.append(template)
                 return
@@ -247,11 +293,19 @@ class StompConnection:
         data = self.session.render_message(template, subscription_id)
         if data is not None:
             self._enqueue(data)
+            self._messages_out += 1
+
+    def _flush_messages_out(self) -> None:
+        if self._messages_out:
+            FRAMES_OUT_MESSAGE.inc(self._messages_out)
+            self._messages_out = 0
 
     def close_soon(self, code: int, reason: str, error: str | None = None) -> None:
         if self.closed:
             return
         if error is not None:
+            if not self.session.closed:
+                ERRORS_BY_REASON[_CLOSE_ERROR_REASONS.get(reason, "server_closing")].inc()
             self.session.send_error(error)
             self._drain_session()
         self._begin_close(code, reason)
@@ -273,6 +327,8 @@ class StompConnection:
             return True
         log.info("session %s: CONNECT of %r refused: %d sessions (max_sessions_per_user)",
                  self.info.session_id, user[:64], limit)
+        LIMIT_REFUSALS_BY_LIMIT["sessions_per_user"].inc()
+        ERRORS_BY_REASON["too_many_sessions"].inc()
         close = self.session.refuse_connected(f"Too many sessions for user {user!r} (limit {limit})")
         self._drain_session()
         self._begin_close(close.code, close.reason)
@@ -290,6 +346,7 @@ class StompConnection:
 
     def _rate_refused(self) -> bool:
         """Count a refused SEND; True when the refusals add up to abuse and the session must close."""
+        LIMIT_REFUSALS_BY_LIMIT["send_rate"].inc()
         close = self._refusals.refuse(self.clock())
         if close:
             log.info("session %s (user %r, %s): closed after repeated SENDs over the rate limit",
@@ -351,13 +408,15 @@ class StompConnection:
             elif isinstance(event, CloseRequested):
                 self._begin_close(event.code, event.reason)
         except (MessageRejected, SubscriptionDenied) as exc:
-            self._fail(str(exc), getattr(event, "receipt", None))
+            self._fail(str(exc), getattr(event, "receipt", None),
+                       reason="denied" if isinstance(exc, SubscriptionDenied) else "rejected")
         except BrokerUnavailable:
             log.warning("session %s: broker unavailable", self.info.session_id)
-            self._fail("Message broker unavailable, try again", getattr(event, "receipt", None))
+            self._fail("Message broker unavailable, try again", getattr(event, "receipt", None),
+                       reason="broker_unavailable")
         except Exception:
             log.exception("session %s: internal error handling %s", self.info.session_id, type(event).__name__)
-            self._fail("Internal server error", getattr(event, "receipt", None))
+            self._fail("Internal server error", getattr(event, "receipt", None), reason="internal")
 
     async def _message(self, event: MessageSent) -> None:
         """A SEND straight to a broker destination (application SENDs go through :meth:`_submit`)."""
@@ -366,9 +425,9 @@ class StompConnection:
             allowed = await self._rate_wait()
         if not allowed:
             if self._rate_refused():
-                self._fail(RATE_LIMIT_MESSAGE, event.receipt)
+                self._fail(RATE_LIMIT_MESSAGE, event.receipt, reason="rate_limit")
             else:
-                self.session.send_error_keep_open(RATE_LIMIT_MESSAGE, event.receipt)
+                self._error_keep_open(RATE_LIMIT_MESSAGE, event.receipt, "rate_limit")
             return
         content_type = event.get("content-type")
         await self.hub.publish(Publication(event.destination, event.body, content_type=content_type,
@@ -393,7 +452,7 @@ class StompConnection:
             # Refused before the handler: nothing is stored. Its ERROR takes the SEND's place in the
             # window, so every RECEIPT and ERROR still leaves in SEND order.
             fatal = self._rate_refused()
-            self._inflight.append(_InFlight(None, event.receipt, RATE_LIMIT_MESSAGE, fatal))
+            self._inflight.append(_InFlight(None, event.receipt, RATE_LIMIT_MESSAGE, fatal, "rate_limit"))
             if fatal:
                 self._refusing = True
             self._advance()
@@ -401,6 +460,7 @@ class StompConnection:
         future: asyncio.Future[None] | None = None
         error: str | None = None
         fatal = True
+        reason = "rejected"
         try:
             handler = self.hub.router.resolve(event.destination)
             if handler is None:
@@ -409,13 +469,16 @@ class StompConnection:
         except MessageRejected as exc:
             error = str(exc)
             fatal = exc.close_session
+            reason = "not_stored" if isinstance(exc, MessageNotStored) else "rejected"
         except BrokerUnavailable:
             log.warning("session %s: broker unavailable", self.info.session_id)
             error = "Message broker unavailable, try again"
+            reason = "broker_unavailable"
         except Exception:
             log.exception("session %s: internal error handling a SEND", self.info.session_id)
             error = "Internal server error"
-        self._inflight.append(_InFlight(future, event.receipt, error, fatal))
+            reason = "internal"
+        self._inflight.append(_InFlight(future, event.receipt, error, fatal, reason))
         if error is not None and fatal:
             self._refusing = True
         elif future is not None and not future.done():
@@ -434,21 +497,22 @@ class StompConnection:
             if future is not None and not future.done():
                 break
             inflight.popleft()
-            error, fatal = head.error, head.fatal
+            error, fatal, reason = head.error, head.fatal, head.reason
             if future is not None:
                 exc = MessageRejected("Message not stored") if future.cancelled() else future.exception()
                 if isinstance(exc, MessageRejected):
                     error, fatal = str(exc), exc.close_session
+                    reason = "not_stored" if isinstance(exc, MessageNotStored) else "rejected"
                 elif exc is not None:
                     log.error("session %s: a SEND failed", self.info.session_id, exc_info=exc)
-                    error = "Internal server error"
+                    error, reason = "Internal server error", "internal"
             if self.closed:
                 continue  # nobody to answer; the message was committed or not, either way not dropped
             if error is not None and not fatal:
-                self.session.send_error_keep_open(error, head.receipt)
+                self._error_keep_open(error, head.receipt, reason)
             elif error is not None:
                 self._refusing = True
-                self._fail(error, head.receipt)
+                self._fail(error, head.receipt, reason=reason)
             elif head.receipt is not None:
                 self.session.send_receipt(head.receipt)
         if not self.closed:
@@ -498,7 +562,24 @@ class StompConnection:
         for template in self._catching_up.pop(subscription_id, []):
             self.deliver(template, subscription_id)
 
-    def _fail(self, message: str, receipt: str | None, *, code: int | None = None) -> None:
+    def _authenticate(self, frame: Frame) -> str | None:
+        """The authenticator, noting a refusal (the session turns it into an ERROR and a close)."""
+        assert self._authenticator is not None
+        try:
+            return self._authenticator(frame)
+        except Exception:
+            self._auth_refused = True
+            raise
+
+    def _error_keep_open(self, message: str, receipt: str | None, reason: str) -> None:
+        if not self.session.closed:
+            ERRORS_BY_REASON[reason].inc()
+        self.session.send_error_keep_open(message, receipt)
+
+    def _fail(self, message: str, receipt: str | None, *, code: int | None = None, reason: str) -> None:
+        """ERROR (counted under ``reason``, one of gateway.metrics.ERROR_REASONS) and close."""
+        if not self.session.closed:
+            ERRORS_BY_REASON[reason].inc()
         close = self.session.send_error(message, receipt)
         self._drain_session()
         self._begin_close(code or close.code, close.reason)
@@ -509,6 +590,10 @@ class StompConnection:
         # The session's own frames (CONNECTED, RECEIPT, ERROR) count against the queue limit too: a
         # client that keeps asking for receipts without reading them is a slow consumer like any other.
         for data in self.session.data_to_send():
+            if not self._closing:
+                child = _FRAMES_OUT_BY_FIRST_BYTE.get(data[0])
+                if child is not None:
+                    child.inc()
             self._enqueue(data)
 
     def _enqueue(self, data: bytes, *, force: bool = False) -> None:
@@ -520,13 +605,14 @@ class StompConnection:
                 and self._queued_bytes + len(data) > self.settings.outbound_max_bytes):
             log.info("session %s: outbound queue over %d bytes, closing slow consumer",
                      self.info.session_id, self.settings.outbound_max_bytes)
-            self._abort_slow()
+            self._abort_slow("queue_bytes")
             return
         self._queue.append(data)
         self._queued_bytes += len(data)
         self._wakeup.set()
 
-    def _abort_slow(self) -> None:
+    def _abort_slow(self, cause: str) -> None:
+        SLOW_CONSUMER_BY_CAUSE[cause].inc()
         # Drop what is queued: a slow consumer must not hold memory or delay its close. A send that
         # is blocked right now is abandoned too (the writer is cancelled), so the session ends at
         # once instead of after outbound_send_timeout_s.
@@ -585,6 +671,7 @@ class StompConnection:
                         await self.sink.send(item)
                 except TimeoutError:
                     log.info("session %s: send blocked over %.1fs, closing", self.info.session_id, timeout)
+                    SLOW_CONSUMER_BY_CAUSE["send_timeout"].inc()
                     close = _Close(CLOSE_SLOW_CONSUMER, "Send time limit exceeded")
                     self._closing = True
                     self._queue.clear()
@@ -593,6 +680,8 @@ class StompConnection:
                 except Exception:
                     break  # the transport is gone
                 self.session.note_sent(self.clock())
+                if self._messages_out:
+                    self._flush_messages_out()
                 if self._queued_bytes <= self.settings.outbound_max_bytes // 2:
                     self._queue_low.set()
         except asyncio.CancelledError:
@@ -619,6 +708,7 @@ class StompConnection:
             except TimeoutError:
                 if not self.closed:
                     log.info("session %s: no CONNECT within %.1fs", self.info.session_id, deadline)
+                    ERRORS_BY_REASON["connect_timeout"].inc()
                     self.session.send_error(f"No CONNECT frame within {deadline:g} s")
                     self._drain_session()
                     self._begin_close(CLOSE_POLICY, "CONNECT timeout")
@@ -627,7 +717,7 @@ class StompConnection:
                 now = self.clock()
                 if self._expires_at is not None and time.time() >= self._expires_at:
                     log.info("session %s: token of %r expired, closing", self.info.session_id, self.info.user)
-                    self._fail(TOKEN_EXPIRED, None, code=CLOSE_POLICY)
+                    self._fail(TOKEN_EXPIRED, None, code=CLOSE_POLICY, reason="token_expired")
                     return
                 if self.session.peer_timed_out(now):
                     log.info("session %s: no heart-beat from client, closing", self.info.session_id)
