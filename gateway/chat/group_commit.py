@@ -31,6 +31,9 @@ node's backpressure: it waits while ``max_pending`` messages are submitted and n
 a caller that reserves before submitting (the chat service, on behalf of a session that then stops
 reading its socket) can never grow the queue past that bound.
 
+Metrics (:mod:`gateway.metrics`): messages committed, the batch size and duration of each successful
+transaction, failed transactions by reason.
+
 It must not import the chat service, the broker, STOMP or transport code.
 """
 
@@ -38,11 +41,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.chat.models import NewMessage, SaveResult
 from gateway.chat.repository import ChatRepository, DatabaseUnavailable, StorageError, is_unavailable
+from gateway.metrics import (
+    COMMIT_BATCH,
+    COMMIT_DURATION,
+    COMMITS_FAILED,
+    COMMITS_UNAVAILABLE,
+    MESSAGES_COMMITTED,
+)
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +238,7 @@ class GroupCommitWriter:
             if is_unavailable(exc):
                 self._unavailable(live, exc)
                 return
+            COMMITS_FAILED.inc()
             if len(live) == 1:
                 self._deliver(live[0], exc)
                 return
@@ -252,6 +264,7 @@ class GroupCommitWriter:
             if is_unavailable(exc):
                 self._unavailable([pending], exc)
             else:
+                COMMITS_FAILED.inc()
                 self._deliver(pending, exc)
             return
         if isinstance(outcome, SaveResult):
@@ -259,13 +272,22 @@ class GroupCommitWriter:
         self._deliver(pending, outcome)
 
     async def _save(self, batch: list[NewMessage]) -> list[SaveResult | StorageError]:
+        started = time.perf_counter()
         if self._batch_timeout_s is None:
-            return await self._repository.save_batch(batch)
-        async with asyncio.timeout(self._batch_timeout_s):
-            return await self._repository.save_batch(batch)
+            outcomes = await self._repository.save_batch(batch)
+        else:
+            async with asyncio.timeout(self._batch_timeout_s):
+                outcomes = await self._repository.save_batch(batch)
+        COMMIT_DURATION.observe(time.perf_counter() - started)
+        COMMIT_BATCH.observe(len(batch))
+        stored = sum(1 for outcome in outcomes if isinstance(outcome, SaveResult) and not outcome.duplicate)
+        if stored:
+            MESSAGES_COMMITTED.inc(stored)
+        return outcomes
 
     def _unavailable(self, batch: list[_Pending], exc: BaseException) -> None:
         self.unavailable_batches += 1
+        COMMITS_UNAVAILABLE.inc()
         if not self._refused:
             log.warning("database unavailable (%s: %s); SENDs are answered 'not stored, retry' until it "
                         "answers again", type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
