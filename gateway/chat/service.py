@@ -30,6 +30,10 @@ Owns the chat rules of the Spring reference:
   at most ``MAX_REPUBLISH_QUEUE`` messages; past it the oldest are dropped with an error log and
   other nodes get them by seq repair when the room's next message reveals the gap.
 
+Metrics (:mod:`gateway.metrics`): messages published, failed publish attempts, the publish backlog
+(committed messages not yet on the bus, a gauge set by the code that changes the queue) and the
+publications dropped from it.
+
 Listeners never write to the database: receiving nodes only deliver (see sequencer.py).
 Must not import Starlette or the transport layer.
 """
@@ -73,6 +77,7 @@ from gateway.hub import (
     SessionInfo,
     SubscriptionDenied,
 )
+from gateway.metrics import MESSAGES_PUBLISHED, PUBLICATIONS_DROPPED, PUBLISH_BACKLOG, PUBLISH_FAILURES
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -240,9 +245,11 @@ class ChatService:
             for _ in range(overflow):
                 self._outbox.popleft()
             self.dropped_publications += overflow
+            PUBLICATIONS_DROPPED.inc(overflow)
             log.error("publish queue over %d messages: dropped the %d oldest (committed; other nodes "
                       "repair them by seq when their room's next message arrives)", MAX_REPUBLISH_QUEUE,
                       overflow)
+        PUBLISH_BACKLOG.set(len(self._outbox))
         self._outbox_wakeup.set()
 
     async def _publisher(self) -> None:
@@ -256,6 +263,7 @@ class ChatService:
             try:
                 await self.hub.publish_many(chunk)
             except BrokerUnavailable as exc:
+                PUBLISH_FAILURES.inc()
                 if not failing:
                     log.warning("publishing committed messages failed (%s); %d queued, retrying", exc,
                                 len(self._outbox))
@@ -268,6 +276,8 @@ class ChatService:
             sent = {id(publication) for publication in chunk}
             while self._outbox and id(self._outbox[0]) in sent:
                 self._outbox.popleft()
+            MESSAGES_PUBLISHED.inc(len(chunk))
+            PUBLISH_BACKLOG.set(len(self._outbox))
             if failing:
                 log.info("publishing recovered")
             failing = False
