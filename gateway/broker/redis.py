@@ -40,6 +40,9 @@ pattern), Redis sends one copy per subscription; only the copy of one canonical 
 decided from the subscription state confirmed in-band, so the result is exact. Decoded publications
 are delivered only if the node is subscribed to their destination (exactly or by Ant pattern).
 
+Metrics: ``chat_gateway_redis_reconnects_total`` counts the pub/sub connections made again after
+one was lost or failed (:mod:`gateway.metrics`).
+
 Channel naming lives in :mod:`gateway.broker.channels`, URL forms in
 :mod:`gateway.broker.redis_urls`. Must not import Starlette, the transport layer or the chat domain.
 """
@@ -73,6 +76,7 @@ from gateway.broker.base import (
 from gateway.broker.channels import ChannelMapper, RedisSubscription, SpringChannelMapper, glob_matches
 from gateway.broker.patterns import is_pattern, matches
 from gateway.broker.redis_urls import RedisTarget, cluster_client, parse_redis_url, sentinel_manager
+from gateway.metrics import REDIS_RECONNECTS
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -617,6 +621,8 @@ class RedisBroker:
                 async with asyncio.timeout(self.timeout_s):
                     link = await self._connect(shard)
                 self.connections += 1
+                if shard.down:
+                    REDIS_RECONNECTS.inc()
                 shard.connected_to = link.where
                 shard.down = False
                 log.info("node %s: Redis pub/sub connected to %s", self.node_id, link.where)
