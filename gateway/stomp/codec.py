@@ -73,15 +73,16 @@ class FrameParser:
     ``feed(data)`` buffers ``data`` and returns the frames it completed (possibly none). After a
     :class:`ProtocolError` the parser is unusable: the connection must be closed.
 
-    Parameters are the limits: the whole frame (command, headers and body) may not exceed
+    Parameters are the limits (required: their defaults are the settings of the same names, written
+    once in ``gateway.settings``): the whole frame (command, headers and body) may not exceed
     ``max_frame_bytes``; no more than ``max_headers`` headers; no command or header line longer than
     ``max_header_line_bytes``. ``commands`` is the set of acceptable commands (client commands by
     default). ``unescape_headers`` is turned off for STOMP 1.0 sessions; CONNECT/STOMP frames are never
     unescaped.
     """
 
-    def __init__(self, *, max_frame_bytes: int = 65536, max_headers: int = 64,
-                 max_header_line_bytes: int = 8192, commands: Iterable[str] = CLIENT_COMMANDS,
+    def __init__(self, *, max_frame_bytes: int, max_headers: int, max_header_line_bytes: int,
+                 commands: Iterable[str] = CLIENT_COMMANDS,
                  unescape_headers: bool = True) -> None:
         self.max_frame_bytes = max_frame_bytes
         self.max_headers = max_headers

@@ -5,27 +5,28 @@ connection cap."""
 from __future__ import annotations
 
 from gateway.http_guard import connection_cap
-from gateway.settings import load_settings
+from gateway.settings import Settings, load_settings
 from gateway.stomp.frames import Frame
 from gateway.stomp.session import CloseRequested, Connected, Principal, SessionConfig, StompSession
 from tests.support.stomp_wire import frame, server_frames
 
 CONNECT = frame("CONNECT", {"accept-version": "1.2", "host": "x"})
+CONFIG = SessionConfig.of(Settings())
 
 
 def test_a_principal_carries_its_expiry_into_the_connected_event() -> None:
-    session = StompSession("s1", authenticator=lambda _frame: Principal("alice", 1234.5))
+    session = StompSession("s1", CONFIG, authenticator=lambda _frame: Principal("alice", 1234.5))
     (connected,) = session.receive_data(CONNECT, 0.0)
     assert isinstance(connected, Connected)
     assert (connected.user, connected.expires_at) == ("alice", 1234.5)
     assert type(session.user) is str and session.expires_at == 1234.5
-    plain = StompSession("s2", authenticator=lambda _frame: "bob")
+    plain = StompSession("s2", CONFIG, authenticator=lambda _frame: "bob")
     (event,) = plain.receive_data(CONNECT, 0.0)
     assert isinstance(event, Connected) and event.expires_at is None
 
 
 def test_refuse_connected_replaces_the_connected_frame_with_an_error() -> None:
-    session = StompSession("s1", authenticator=lambda _frame: "alice")
+    session = StompSession("s1", CONFIG, authenticator=lambda _frame: "alice")
     session.receive_data(CONNECT, 0.0)
     close = session.refuse_connected("Too many sessions for user 'alice' (limit 1)")
     assert isinstance(close, CloseRequested) and close.code == 1002
@@ -35,7 +36,7 @@ def test_refuse_connected_replaces_the_connected_frame_with_an_error() -> None:
 
 
 def _tx_session(limit: int) -> StompSession:
-    session = StompSession("s1", SessionConfig(max_transaction_bytes=limit))
+    session = StompSession("s1", SessionConfig.of(Settings(), max_transaction_bytes=limit))
     session.receive_data(CONNECT, 0.0)
     session.data_to_send()
     return session

@@ -12,13 +12,24 @@ from typing import Any
 
 import pytest
 
+from gateway.settings import Settings
 from gateway.stomp.codec import FrameParser
 from gateway.stomp.frames import Frame, ProtocolError
+
+_DEFAULTS = Settings()
+DEFAULT_LIMITS = {"max_frame_bytes": _DEFAULTS.max_frame_bytes, "max_headers": _DEFAULTS.max_headers,
+                  "max_header_line_bytes": _DEFAULTS.max_header_line_bytes}
+"""The parser limits a node runs with by default (the settings of the same names)."""
+
+
+def new_parser(**parser_args: Any) -> FrameParser:
+    """A parser with the default limits, overridden by ``parser_args``."""
+    return FrameParser(**{**DEFAULT_LIMITS, **parser_args})
 
 
 def feed_chunks(chunks: Sequence[bytes], **parser_args: Any) -> tuple[list[Frame], FrameParser]:
     """Feed ``chunks`` one by one to a new parser; every frame produced, and the parser."""
-    parser = FrameParser(**parser_args)
+    parser = new_parser(**parser_args)
     frames: list[Frame] = []
     for chunk in chunks:
         frames += parser.feed(chunk)

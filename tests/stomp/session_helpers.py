@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.settings import Settings
 from gateway.stomp.codec import MessageTemplate
 from gateway.stomp.frames import Frame
 from gateway.stomp.session import (
@@ -19,11 +20,16 @@ from gateway.stomp.session import (
 )
 from tests.support.stomp_wire import frame, server_frames
 
-__all__ = ["close_of", "connected", "deliver", "frame", "new_session", "out", "out_bytes", "subscribe"]
+__all__ = ["close_of", "config", "connected", "deliver", "frame", "new_session", "out", "out_bytes", "subscribe"]
 
 
-def new_session(*, authenticator: Authenticator | None = None, now: float = 0.0, **config: Any) -> StompSession:
-    return StompSession("s1", SessionConfig(**config), authenticator, now=now)
+def config(**overrides: Any) -> SessionConfig:
+    """A node's default session config (from the default settings), with ``overrides``."""
+    return SessionConfig.of(Settings(), **overrides)
+
+
+def new_session(*, authenticator: Authenticator | None = None, now: float = 0.0, **overrides: Any) -> StompSession:
+    return StompSession("s1", config(**overrides), authenticator, now=now)
 
 
 def out_bytes(session: StompSession) -> bytes:

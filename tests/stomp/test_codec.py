@@ -20,7 +20,7 @@ from gateway.stomp.frames import (
     ProtocolError,
     TooManyHeaders,
 )
-from tests.stomp import feed_chunks, parse_every_way, reject_every_way
+from tests.stomp import feed_chunks, new_parser, parse_every_way, reject_every_way
 
 # -- commands ---------------------------------------------------------------------------------
 
@@ -97,7 +97,7 @@ def test_stomp_1_0_leaves_backslashes_alone() -> None:
 
 
 def test_unescaping_can_be_switched_off_after_connect() -> None:
-    parser = FrameParser()
+    parser = new_parser()
     assert parser.feed(b"CONNECT\naccept-version:1.0\n\n\x00") == [
         Frame("CONNECT", (("accept-version", "1.0"),), b"")]
     parser.unescape_headers = False
@@ -148,7 +148,7 @@ def test_heartbeats_alone() -> None:
 
 
 def test_carriage_return_waits_for_its_line_feed() -> None:
-    parser = FrameParser()
+    parser = new_parser()
     assert parser.feed(b"SEND\n\n\x00\r") == [Frame("SEND")]
     assert parser.buffered == 1
     assert parser.heartbeats == 0
@@ -277,7 +277,7 @@ def test_several_frames_in_one_feed() -> None:
 
 
 def test_parser_is_unusable_after_an_error() -> None:
-    parser = FrameParser()
+    parser = new_parser()
     with pytest.raises(ProtocolError):
         parser.feed(b"NOPE\n\n\x00")
     with pytest.raises(ProtocolError, match="already failed"):
@@ -285,7 +285,7 @@ def test_parser_is_unusable_after_an_error() -> None:
 
 
 def test_buffered_is_zero_after_complete_frames() -> None:
-    parser = FrameParser()
+    parser = new_parser()
     parser.feed(b"SEND\n\nab")
     assert parser.buffered == 8
     parser.feed(b"c\x00")

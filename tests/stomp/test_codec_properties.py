@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from gateway.stomp.codec import FrameParser, MessageTemplate, escape, serialize, unescape
 from gateway.stomp.frames import ALL_COMMANDS, UNESCAPED_COMMANDS, Frame, ProtocolError
+from tests.stomp import new_parser
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -60,7 +61,7 @@ def random_chunks(data: st.DataObject, stream: bytes) -> list[bytes]:
 
 
 def feed_all(chunks: list[bytes], **parser_args: Any) -> tuple[list[Frame], FrameParser]:
-    parser = FrameParser(**parser_args)
+    parser = new_parser(**parser_args)
     frames: list[Frame] = []
     for chunk in chunks:
         frames += parser.feed(chunk)

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from gateway.stomp.codec import FrameParser
 from gateway.stomp.frames import ALL_COMMANDS, Frame
 from gateway.stomp.session import CloseRequested, StompSession
+from tests.stomp import new_parser
+from tests.stomp.session_helpers import config
 
 CONNECT = b"CONNECT\naccept-version:1.2\nhost:x\n\n\x00"
 
 
 def frames(session: StompSession) -> list[Frame]:
-    return FrameParser(commands=ALL_COMMANDS).feed(b"".join(session.data_to_send()))
+    return new_parser(commands=ALL_COMMANDS).feed(b"".join(session.data_to_send()))
 
 
 def test_user_name_with_a_newline_is_refused() -> None:
-    session = StompSession("s", authenticator=lambda frame: "eve\nmessage:forged")
+    session = StompSession("s", config(), authenticator=lambda frame: "eve\nmessage:forged")
     events = session.receive_data(CONNECT, 0.0)
     assert isinstance(events[-1], CloseRequested)
     [error] = frames(session)
@@ -22,14 +23,14 @@ def test_user_name_with_a_newline_is_refused() -> None:
 
 
 def test_user_name_with_a_colon_is_fine() -> None:
-    session = StompSession("s", authenticator=lambda frame: "ns:alice")
+    session = StompSession("s", config(), authenticator=lambda frame: "ns:alice")
     session.receive_data(CONNECT, 0.0)
     [connected] = frames(session)
     assert connected.get("user-name") == "ns:alice"
 
 
 def test_error_messages_are_kept_on_one_line() -> None:
-    session = StompSession("s")
+    session = StompSession("s", config())
     session.receive_data(CONNECT, 0.0)
     session.data_to_send()
     session.send_error("line one\r\nline two")

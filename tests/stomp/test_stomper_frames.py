@@ -13,9 +13,8 @@ import pytest
 import stomper
 import stomper.stomp_10 as stomper10
 
-from gateway.stomp.codec import FrameParser
 from gateway.stomp.frames import Frame, ProtocolError
-from tests.stomp import feed_chunks, parse_every_way
+from tests.stomp import feed_chunks, new_parser, parse_every_way
 
 
 def _one(text: str, **parser_args: bool) -> Frame:
@@ -115,7 +114,7 @@ def test_a_whole_stomper_session_in_one_stream() -> None:
                                            "NACK", "ABORT", "UNSUBSCRIBE", "DISCONNECT"]
     assert frames[4].body == b"in tx"
     assert frames[4].get("transaction") == "t"
-    parser = FrameParser()
+    parser = new_parser()
     parser.feed(stream)
     assert parser.heartbeats == len(texts)  # the "\n" stomper writes after every NUL
     assert parser.buffered == 0

@@ -66,7 +66,7 @@ class FakeStompConnection:
         self.broker = broker
         self.sink = sink
         self.transport = transport
-        self.parser = FrameParser()
+        self.parser = FrameParser(max_frame_bytes=1 << 20, max_headers=64, max_header_line_bytes=1 << 16)
         self.commands: list[str] = []
         self.lost_calls = 0
         self.closed = False
