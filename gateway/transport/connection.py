@@ -18,6 +18,9 @@ open, until repeated refusals close it), and closing exactly once.
 Also counts, with the pre-bound children of :mod:`gateway.metrics`: sessions and connections by
 transport, frames in and out by command (MESSAGEs added up per connection and flushed by the writer
 once per transport write, not per frame), ERRORs by reason, slow-consumer closes and limit refusals.
+And logs, on the ``gateway.session`` logger with the fields as ``extra`` (never a body or a
+credential): one INFO line when a session is opened (at its CONNECT, when the user is known) and one
+when it is closed (duration, the server's close code and reason, SENDs read and MESSAGEs queued).
 
 The protocol decisions live in :mod:`gateway.stomp.session`; the routing in :mod:`gateway.hub`.
 Must not import Starlette or the chat domain.
@@ -87,6 +90,8 @@ from gateway.transport.base import (
 )
 
 log = logging.getLogger(__name__)
+#: One INFO line per session opened (at CONNECT) and closed, fields as ``extra`` (docs/operations.md#logs).
+session_log = logging.getLogger("gateway.session")
 
 TOKEN_EXPIRED = "token expired"
 
@@ -190,6 +195,10 @@ class StompConnection:
         self._sessions_gauge = SESSIONS.labels(transport)
         self._gauged = False                       # counted in chat_gateway_sessions (until lost)
         self._messages_out = 0                     # MESSAGEs queued, not yet added to the metric
+        self._opened_at = clock()
+        self._close_cause: tuple[int | None, str] | None = None   # the server's close, for the log line
+        self._sends = 0        # SEND frames read, and MESSAGE frames queued (the session close line)
+        self._delivered = 0
 
     # --- Connection protocol ----------------------------------------------------------------
 
@@ -234,6 +243,8 @@ class StompConnection:
             for event in events:
                 if self._lost or self._refusing:
                     break
+                if isinstance(event, MessageSent):
+                    self._sends += 1
                 if isinstance(event, MessageSent) and not event.to_broker:
                     await self._submit(event)
                     continue
@@ -248,6 +259,7 @@ class StompConnection:
         if self._lost:
             return
         self._lost = True
+        self._log_closed()
         if self._gauged:
             self._gauged = False
             self._sessions_gauge.dec()
@@ -265,6 +277,17 @@ class StompConnection:
             if task is not current:
                 task.cancel()
         await self.hub.session_ended(self, connected=self._connected)
+
+    def _log_fields(self) -> dict[str, object]:
+        return {"session": self.info.session_id, "transport": self.info.transport, "user": self.info.user,
+                "remote": self.info.remote}
+
+    def _log_closed(self) -> None:
+        code, reason = self._close_cause or (None, "connection lost")
+        session_log.info("session closed", extra={
+            **self._log_fields(), "duration_s": round(self.clock() - self._opened_at, 3), "close_code": code,
+            "close_reason": reason, "connected": self._connected, "sends": self._sends,
+            "delivered": self._delivered})
 
     # --- Subscriber protocol ----------------------------------------------------------------
 
@@ -294,6 +317,7 @@ class StompConnection:
         if data is not None:
             self._enqueue(data)
             self._messages_out += 1
+            self._delivered += 1
 
     def _flush_messages_out(self) -> None:
         if self._messages_out:
@@ -399,6 +423,7 @@ class StompConnection:
                     self._rate_key = "addr:" + self._address
                 self._connected = True
                 self._connected_event.set()
+                session_log.info("session opened", extra={**self._log_fields(), "stomp_version": event.version})
                 await self.hub.session_connected(self)
             elif isinstance(event, DisconnectRequested):
                 if event.receipt is not None:
@@ -627,6 +652,7 @@ class StompConnection:
         if self._closing:
             return
         self._closing = True
+        self._close_cause = (code, reason)
         self.session.close()
         self._queue.append(_Close(code, reason))
         self._wakeup.set()
@@ -693,6 +719,8 @@ class StompConnection:
             close = _Close(CLOSE_SLOW_CONSUMER, "Send limit exceeded")
         # Release the session (hub, subscriptions, hooks) before the close handshake: the close may
         # wait for a peer that does not read, and nothing else must wait with it.
+        if close is not None:
+            self._close_cause = (close.code, close.reason)
         await self.connection_lost()
         if close is not None:
             # Not bounded by a timeout: a stalled peer gets the close frame if it ever reads again,
