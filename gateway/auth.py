@@ -9,7 +9,8 @@ Owns: turning CONNECT credentials into a user name or an :class:`AuthenticationF
 - ``users``: login/passcode pairs from the ``users`` setting; a wrong or missing passcode fails.
 - ``jwt``: see :mod:`gateway.jwt_auth` (Spring's jjwt tokens in ``token`` or ``Authorization``).
 
-Failures are logged in one line (no stack traces: spring-framework#26026). Must not import
+Failures are logged in one line (no stack traces: spring-framework#26026) and counted in
+``chat_gateway_auth_failures_total`` by reason (:mod:`gateway.metrics`). Must not import
 Starlette, the transport layer or the chat domain.
 """
 
@@ -20,6 +21,7 @@ import logging
 import unicodedata
 from collections.abc import Iterable
 
+from gateway.metrics import AUTH_FAILURES_BY_REASON
 from gateway.settings import Settings
 from gateway.stomp.frames import Frame
 from gateway.stomp.session import AuthenticationFailed, Authenticator
@@ -46,6 +48,7 @@ def anonymous_authenticator(frame: Frame, reserved_users: Iterable[str] = ()) ->
     login = frame.get("login")
     if login and is_reserved_name(login, reserved_users):
         log.info("anonymous CONNECT claiming the reserved name %r refused", login[:64])
+        AUTH_FAILURES_BY_REASON["reserved_name"].inc()
         raise AuthenticationFailed(f"Authentication failed: the name {login[:64]!r} is reserved")
     return login or None
 
@@ -71,6 +74,7 @@ def users_authenticator(pairs: tuple[str, ...]) -> Authenticator:
         expected = table.get(login or "")
         if login is None or expected is None or not hmac.compare_digest(expected, passcode):
             log.info("authentication failed for login %r", (login or "")[:64])
+            AUTH_FAILURES_BY_REASON["bad_credentials"].inc()
             raise AuthenticationFailed("Authentication failed: bad login or passcode")
         return login
     return authenticate

@@ -20,6 +20,9 @@ Owns:
   auth mode says (:class:`RestAuthError`, a 401, when missing or invalid), and the session tokens
   ``/chat/login`` puts in the ``chat_session`` cookie (:func:`session_token`).
 
+Refusals of :meth:`Authorizer.check` and :meth:`Authorizer.ask` are counted in
+``chat_gateway_access_denied_total`` by action (:mod:`gateway.metrics`).
+
 Must not import Starlette (requests are read through a small protocol), the transport layer or the
 chat domain.
 """
@@ -41,6 +44,7 @@ from typing import Protocol
 
 from gateway.broker.patterns import is_pattern
 from gateway.hub import SessionInfo
+from gateway.metrics import ACCESS_DENIED_BY_ACTION
 from gateway.settings import Settings
 from gateway.stomp.frames import Frame
 from gateway.stomp.session import AuthenticationFailed, Authenticator
@@ -210,6 +214,12 @@ def refusal(request: AccessRequest) -> str:
     return f"Access denied: {who} may not {verbs[request.action]} room {request.room_id!r}"
 
 
+def _count_denied(action: Action) -> None:
+    child = ACCESS_DENIED_BY_ACTION.get(action.value)
+    if child is not None:
+        child.inc()
+
+
 @dataclass(slots=True)
 class _Entry:
     allowed: bool
@@ -248,12 +258,18 @@ class Authorizer:
             self.queries += 1
             allowed = await self.policy.allows(request)
             self._decisions(session)[(action, room_id)] = _Entry(allowed, self.clock() + self.ttl_s)
-        return None if allowed else request
+        if allowed:
+            return None
+        _count_denied(action)
+        return request
 
     async def ask(self, request: AccessRequest) -> bool:
         """An uncached question (REST calls, which carry their own identity each time)."""
         self.queries += 1
-        return await self.policy.allows(request)
+        allowed = await self.policy.allows(request)
+        if not allowed:
+            _count_denied(request.action)
+        return allowed
 
     async def ask_many(self, requests: Sequence[AccessRequest]) -> list[bool]:
         self.queries += 1

@@ -9,7 +9,9 @@ Key derivation: jjwt 0.9's ``signWith(HS256, String)`` treats the string as Base
 ``jwt_secret`` is that string: the HMAC key is its Base64 decoding (standard or URL-safe alphabet,
 padding optional), exactly as a Java node derives it, so tokens minted by either side verify on both.
 
-Must not import Starlette, the transport layer or the chat domain.
+A refused CONNECT is counted in ``chat_gateway_auth_failures_total`` (no_token, invalid_token,
+token_expired; :mod:`gateway.metrics`). Must not import Starlette, the transport layer or the chat
+domain.
 """
 
 from __future__ import annotations
@@ -23,12 +25,17 @@ import warnings
 import jwt
 from jwt.warnings import InsecureKeyLengthWarning
 
+from gateway.metrics import AUTH_FAILURES_BY_REASON
 from gateway.stomp.frames import Frame
 from gateway.stomp.session import AuthenticationFailed, Authenticator, Principal
 
 log = logging.getLogger(__name__)
 
 ALGORITHMS = ["HS256"]
+
+
+class TokenExpired(AuthenticationFailed):
+    """The token was valid but its ``exp`` has passed."""
 
 
 def key_from_secret(secret: str) -> bytes:
@@ -65,7 +72,7 @@ def principal_from_token(token: str, key: bytes) -> Principal:
     try:
         claims = jwt.decode(token, key, algorithms=ALGORITHMS, options={"require": ["exp"]})
     except jwt.ExpiredSignatureError:
-        raise AuthenticationFailed("Authentication failed: token expired") from None
+        raise TokenExpired("Authentication failed: token expired") from None
     except jwt.PyJWTError:
         raise AuthenticationFailed("Authentication failed: invalid token") from None
     user = claims.get("jti") or claims.get("sub")
@@ -92,10 +99,12 @@ def jwt_authenticator(secret: str) -> Authenticator:
         token = token_from_headers(frame)
         if token is None:
             log.info("CONNECT without token rejected")
+            AUTH_FAILURES_BY_REASON["no_token"].inc()
             raise AuthenticationFailed("Authentication failed: no token")
         try:
             return principal_from_token(token, key)
         except AuthenticationFailed as exc:
             log.info("CONNECT rejected: %s", exc)
+            AUTH_FAILURES_BY_REASON["token_expired" if isinstance(exc, TokenExpired) else "invalid_token"].inc()
             raise
     return authenticate
