@@ -1,11 +1,13 @@
 """The ``chat-gateway`` command: ``serve``, ``migrate``, ``downgrade``, ``settings``, ``check``, ``--version``.
 
 Owns: argument parsing, turning invalid settings into a one-line error (exit 2), running uvicorn
-(with :mod:`gateway.http_guard`'s request deadline and connection cap) with a drain step before uvicorn closes the WebSockets (uvicorn would close them with 1012 before
-the app could say anything), and ``check``: a readable report on the configuration (``GATEWAY_*``
-typos, invalid values) and on connectivity (database reachable, schema at the Alembic head, Redis
-reachable and new enough, the chat pages' files), each connectivity check bounded by ``--timeout-s``;
-exit 0 when nothing is wrong, 1 when a line says FAIL.
+(with :mod:`gateway.http_guard`'s request deadline and connection cap, the log format of
+:mod:`gateway.logs` for uvicorn's loggers too, and :class:`gateway.workers.DrainingServer`: the
+node's sessions are drained before uvicorn closes the WebSockets; with ``--workers N`` under the
+supervisor of :mod:`gateway.workers`, each worker drains alike), and ``check``: a readable report
+on the configuration (``GATEWAY_*`` typos, invalid values) and on connectivity (database reachable,
+schema at the Alembic head, Redis reachable and new enough, the chat pages' files), each
+connectivity check bounded by ``--timeout-s``; exit 0 when nothing is wrong, 1 when a line says FAIL.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from gateway.settings import (
     load_settings,
     setting_fields,
 )
+from gateway.workers import DrainingServer
+
+__all__ = ["DrainingServer", "main", "run_checks", "serve", "settings_table"]
 
 T = TypeVar("T")
 
@@ -121,18 +126,23 @@ def serve(settings: Settings, overrides: dict[str, str | None]) -> int:
             os.environ[env_name(name)] = value
     os.environ[env_name("node_id")] = settings.node_id if settings.workers == 1 else ""
     from gateway.http_guard import Gate, connection_cap, install_gate, raise_fd_limit
+    from gateway.logs import configure_logging, logging_config
 
+    # One formatter for every logger, uvicorn's included (log_config: uvicorn installs no handler).
+    configure_logging(settings)
     # Unfinished requests are closed after http_request_timeout_s and connections past the cap are
     # refused on accept (gateway.http_guard says why uvicorn's own options do not do it).
     soft_limit = raise_fd_limit()
     install_gate(Gate(settings.http_request_timeout_s, connection_cap(settings, soft_limit)))
     config_kwargs: dict[str, Any] = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
+                                         log_config=logging_config(settings),
                                          proxy_headers=True, ws_max_size=max(settings.max_frame_bytes * 2, 1 << 20),
                                          timeout_graceful_shutdown=settings.drain_timeout_s + 5,
                                          http="gateway.http_guard:GuardedHttpProtocol")
     if settings.workers > 1:
-        uvicorn.run("gateway.app:app_from_env", factory=True, workers=settings.workers, **config_kwargs)
-        return 0
+        # A supervisor and N workers, each a DrainingServer (gateway.workers says why not uvicorn's).
+        from gateway.workers import WORKER_APP, serve_workers
+        return serve_workers(uvicorn.Config(WORKER_APP, factory=True, **config_kwargs), settings)
     from gateway.app import create_app, tune_gc
     app = create_app(settings)
     tune_gc(settings.gc_gen0_threshold)
@@ -140,16 +150,6 @@ def serve(settings: Settings, overrides: dict[str, str | None]) -> int:
     server = DrainingServer(config)
     server.run()
     return 0
-
-
-class DrainingServer(uvicorn.Server):
-    """Drains STOMP sessions (ERROR + close 1012, queues flushed) before uvicorn closes the sockets."""
-
-    async def shutdown(self, sockets: Any = None) -> None:
-        gateway = getattr(getattr(self.config.app, "state", None), "gateway", None)
-        if gateway is not None:
-            await gateway.drain()
-        await super().shutdown(sockets)
 
 
 # --- check ----------------------------------------------------------------------------------------

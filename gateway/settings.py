@@ -229,6 +229,14 @@ class Settings:
         "node); must exceed node_heartbeat_s. A starting node refuses to share the database with a live "
         "node that delivers through another Redis (or none).")
 
+    # --- logs and multi-worker serving (gateway.logs, gateway.workers) ---------------------------
+    log_format: str = _setting(
+        "auto", "Log line format: json (one JSON object per line), text (key=value for a person, coloured "
+        "on a terminal) or auto (text when stderr is a terminal, else json).")
+    metrics_dir: str = _setting(
+        "", "With workers > 1: the directory of prometheus-client's multiprocess files (its *.db files "
+        "are deleted at start); empty = a private temporary directory, removed at exit.")
+
     def validate(self) -> Settings:
         """Return self with derived defaults filled in; raise SettingsError on a bad value."""
         positive_ints = ("max_frame_bytes", "max_headers", "max_header_line_bytes", "max_subscriptions",
@@ -297,6 +305,8 @@ class Settings:
             raise SettingsError(f"redis_channel_mode must be room or single (got {self.redis_channel_mode!r})")
         if self.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
             raise SettingsError(f"log_level must be debug, info, warning or error (got {self.log_level!r})")
+        if self.log_format not in {"auto", "json", "text"}:
+            raise SettingsError(f"log_format must be auto, json or text (got {self.log_format!r})")
         for name in ("app_prefixes", "broker_prefixes"):
             prefixes: tuple[str, ...] = getattr(self, name)
             if not prefixes:
