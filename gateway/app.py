@@ -1,9 +1,9 @@
-"""Application assembly: ``create_app(settings)`` wires the layers in a Starlette lifespan.
+"""Application assembly: ``create_app(settings)`` builds a :class:`gateway.node.Gateway` and its routes.
 
-Owns: building the broker, hub, router and authenticator from settings; mounting the transports
-(raw WebSocket at ``/ws-stomp/websocket``, SockJS under ``/ws-stomp``), the chat domain's routes and
-handlers, the health endpoints, and draining on shutdown (readiness false, sessions closed with an
-ERROR the client will retry elsewhere, queues flushed with a deadline, then broker and DB closed).
+Owns: building the broker, hub, router, fan-out and authenticator from settings; adding the
+components (the chat domain, the pages) to the node; mounting the transports (raw WebSocket at
+``/ws-stomp/websocket``, SockJS under ``/ws-stomp``), the components' routes, the health endpoints
+(``/healthz``, ``/readyz``) and ``/metrics`` (:mod:`gateway.metrics_route`); and tying the node's start and stop (drain first) to the Starlette lifespan.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -23,61 +21,24 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from gateway.auth import create_authenticator
-from gateway.broker.base import Broker
 from gateway.hub import Hub, MessageRouter
 from gateway.limits import create_limits
+from gateway.logs import configure_logging
+from gateway.metrics_route import metrics_routes
+from gateway.node import Gateway
+from gateway.receive import LocalFanout
 from gateway.settings import Settings, load_settings
-from gateway.stomp.session import Authenticator, SessionConfig
-from gateway.transport.base import CLOSE_SERVICE_RESTART, Connection, FrameSink
-from gateway.transport.connection import StompConnection, session_config
-from gateway.transport.sockjs import SessionRegistry, create_sockjs_routes
+from gateway.transport.base import CLOSE_SERVICE_RESTART
+from gateway.transport.connection import session_config
+from gateway.transport.sockjs import create_sockjs_routes
 from gateway.transport.sockjs import greeting as sockjs_greeting
 from gateway.transport.websocket import serve_websocket
 
 log = logging.getLogger("gateway")
 
-Component = Callable[["Gateway"], Awaitable[None]]
-
-
-@dataclass(eq=False)
-class Gateway:
-    """Everything one node runs; available to routes as ``request.app.state.gateway``."""
-
-    settings: Settings
-    broker: Broker
-    hub: Hub
-    router: MessageRouter
-    authenticator: Authenticator
-    config: SessionConfig
-    ready: bool = False
-    draining: bool = False
-    startup: list[Component] = field(default_factory=list)
-    shutdown: list[Component] = field(default_factory=list)
-    extras: dict[str, Any] = field(default_factory=dict)
-    health_checks: dict[str, Callable[[], Awaitable[bool]]] = field(default_factory=dict)
-    """Dependencies /readyz reports besides the bus (e.g. "database"); each answers within its own
-    timeout and never raises."""
-
-    def new_connection(self, sink: FrameSink, *, transport: str, remote: str) -> Connection:
-        connection = StompConnection(self.hub, self.settings, self.config, sink, transport=transport,
-                                     remote=remote, authenticator=self.authenticator)
-        return connection
-
-    async def drain(self) -> None:
-        """Stop taking sessions and close the open ones, giving writers ``drain_timeout_s`` to flush."""
-        if self.draining:
-            return
-        self.draining = True
-        self.ready = False
-        self.hub.close_all(CLOSE_SERVICE_RESTART, "Server shutting down",
-                           error="Server shutting down, reconnect")
-        deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout_s
-        while self.hub.sessions and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
-        sockjs = self.extras.get("sockjs")
-        if isinstance(sockjs, SessionRegistry):
-            # Whatever SockJS sessions are left (no STOMP CONNECT yet, polls in flight) get c[3000].
-            await sockjs.close_all()
+Component = Callable[[Gateway], Sequence[BaseRoute]]
+"""A test's or embedder's extra component: registers on the Gateway (a :class:`gateway.host.Host`)
+and returns its routes."""
 
 
 def build_gateway(settings: Settings) -> Gateway:
@@ -89,7 +50,8 @@ def build_gateway(settings: Settings) -> Gateway:
     hub = Hub(broker, router, node_id=settings.node_id)
     hub.limits = create_limits(settings)
     return Gateway(settings=settings, broker=broker, hub=hub, router=router,
-                   authenticator=create_authenticator(settings), config=session_config(settings))
+                   authenticator=create_authenticator(settings), config=session_config(settings),
+                   fanout=LocalFanout(hub.registry))
 
 
 def _health_routes() -> list[BaseRoute]:
@@ -118,12 +80,14 @@ def _health_routes() -> list[BaseRoute]:
 
 
 def create_app(settings: Settings | None = None, *,
-               configure: Sequence[Callable[[Gateway], Sequence[BaseRoute]]] | None = None) -> Starlette:
-    """Build the ASGI app. ``configure`` callables (default: the chat domain) get the Gateway, may
-    register handlers/hooks/startup work on it, and return extra routes."""
+               configure: Sequence[Component] | None = None) -> Starlette:
+    """Build the ASGI app with the chat domain and the pages, or, when ``configure`` is given, with
+    those components instead (tests: an echo handler)."""
     settings = settings or load_settings()
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not logging.getLogger().handlers:
+        # `chat-gateway serve` (and each worker) configured logging already; an embedder or a test
+        # that configured its own keeps it.
+        configure_logging(settings)
     gateway = build_gateway(settings)
 
     async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -133,34 +97,30 @@ def create_app(settings: Settings | None = None, *,
         await serve_websocket(websocket, gateway.new_connection, settings.allowed_origins)
 
     sockjs = create_sockjs_routes(settings, gateway.new_connection)
-    gateway.extras["sockjs"] = sockjs.registry
+    gateway.sockjs = sockjs.registry
     # The raw WebSocket route comes before the SockJS mount that shares its prefix.
     routes: list[BaseRoute] = [WebSocketRoute("/ws-stomp/websocket", websocket_endpoint),
                                Route("/ws-stomp", sockjs_greeting), Mount("/ws-stomp", routes=sockjs)]
     routes += _health_routes()
+    routes += metrics_routes()
     if configure is None:
-        configure = default_components()
-    for component in configure:
-        routes += component(gateway)
+        from gateway.chat.component import chat_component
+        from gateway.pages import pages_component
+
+        gateway.chat = chat_component(gateway)
+        routes += gateway.chat.routes
+        routes += pages_component(gateway)
+    else:
+        for component in configure:
+            routes += component(gateway)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await gateway.hub.start()
-        for step in gateway.startup:
-            await step(gateway)
-        gateway.ready = True
-        log.info("node %s ready (broker: %s, database: %s)", settings.node_id,
-                 type(gateway.broker).__name__, settings.database_url.split("@")[-1])
+        await gateway.start()
         try:
             yield
         finally:
-            await gateway.drain()
-            for step in reversed(gateway.shutdown):
-                try:
-                    await step(gateway)
-                except Exception:
-                    log.exception("shutdown step failed")
-            await gateway.hub.stop()
+            await gateway.stop()
 
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.gateway = gateway
@@ -182,14 +142,6 @@ def tune_gc(gen0_threshold: int) -> None:
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(gen0_threshold, gen1, gen2)
-
-
-def default_components() -> list[Callable[[Gateway], Sequence[BaseRoute]]]:
-    """The layers the default app wires, in order: the chat domain, then the pages."""
-    from gateway.chat.component import chat_component
-    from gateway.pages import pages_component
-
-    return [chat_component, pages_component]
 
 
 def app_from_env() -> Starlette:

@@ -3,14 +3,15 @@
 Owns:
 - :class:`MessageRouter`, the ``@MessageMapping`` analogue: handlers for application destinations
   (``/pub/...``), registered with a decorator on the path below the application prefix;
-- :class:`Hub`: the node-local subscription registry, node-level broker (un)subscription on the first
-  and last local subscriber, inbound publication fan-out (one :class:`MessageTemplate` per
-  publication, rendered per receiver), publication interceptors (used by the chat layer to order
-  and de-duplicate by sequence), and session lifecycle hooks (connect, subscribe, unsubscribe,
-  disconnect — the last exactly once per session).
+- :class:`Hub`: the node's sessions and their subscriptions (kept in one
+  :class:`~gateway.broker.registry.SubscriptionRegistry`), the node's broker subscription on a
+  destination's first local subscriber and its release after the last, and the session events a
+  component reacts to through one :class:`HubListener` (authorize, subscription confirmed,
+  subscribed, unsubscribed, destination idle, connected, ended — the last exactly once per session).
 
-Data flows one way: session -> router -> handler -> broker.publish -> broker callback on every node
--> interceptors -> registry -> each session's ``deliver`` (which only enqueues, never awaits).
+The send path goes session -> router -> handler -> ``Hub.publish``; what comes back from the bus
+follows the receive path in :mod:`gateway.receive` (ordering stages, then the local fan-out over
+this hub's registry).
 
 Must not import Starlette, the transport layer or the chat domain.
 """
@@ -19,21 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from gateway import metrics
 from gateway.broker.base import Broker, Publication
 from gateway.broker.patterns import is_pattern, matches
 from gateway.broker.registry import SubscriptionRegistry
 from gateway.limits import NodeLimits
+from gateway.receive import ReceivePath, message_template
 from gateway.stomp.codec import MessageTemplate
 
 log = logging.getLogger(__name__)
 
 
-SEQ_HEADER = "x-seq"
-"""MESSAGE header carrying a sequenced publication's ``seq`` (a room's message number)."""
 RESUME_HEADER = "x-resume-after"
 """SUBSCRIBE header: first deliver the destination's publications after this ``seq``, then live ones."""
 
@@ -107,13 +108,41 @@ Handler = Callable[[InboundMessage], Awaitable["asyncio.Future[None] | None"]]
 """An application destination's handler. It returns None when it is done, or a future that
 resolves when the message is durable (or fails with :class:`MessageRejected`): the session then
 reads on and answers the SEND's RECEIPT when the future resolves, in SEND order."""
-Interceptor = Callable[[Publication], Iterable[Publication]]
-ResumeHandler = Callable[[str, int], Awaitable[list[Publication]]]
-"""(destination, after seq) -> the destination's publications after that seq, in order; raises
-:class:`MessageRejected` when it cannot (not a sequenced destination, resume point too old)."""
-SessionHook = Callable[[SessionInfo], Awaitable[None]]
-SubscriptionHook = Callable[[SessionInfo, str, str], Awaitable[None]]
-GapListener = Callable[[frozenset[str]], None]
+
+
+class HubListener:
+    """What a component (the chat layer) does at a session's events; every method is optional.
+
+    The hub calls each listener in the order they were added, and awaits it: a slow listener delays
+    the session's next frame, never another session.
+    """
+
+    async def authorize_subscribe(self, session: SessionInfo, subscription_id: str, destination: str) -> None:
+        """Before anything is registered; raise :class:`SubscriptionDenied` to refuse."""
+
+    async def subscription_confirmed(self, session: SessionInfo, subscription_id: str, destination: str) -> None:
+        """The node's broker subscription is confirmed; before the client's RECEIPT (a baseline read
+        here makes everything committed after the RECEIPT reach the subscriber)."""
+
+    async def subscribed(self, session: SessionInfo, subscription_id: str, destination: str) -> None:
+        """After the RECEIPT (and any resume replay): presence ENTER and the like."""
+
+    async def unsubscribed(self, session: SessionInfo, subscription_id: str, destination: str) -> None:
+        """A client's UNSUBSCRIBE was applied (not called for the subscriptions a session end removes)."""
+
+    def destination_idle(self, destination: str) -> None:
+        """The destination's last local subscription is gone (UNSUBSCRIBE or session end)."""
+
+    async def session_connected(self, session: SessionInfo) -> None:
+        """The session's CONNECT was accepted."""
+
+    async def session_ended(self, session: SessionInfo) -> None:
+        """A connected session ended; its subscriptions are already removed. Called once."""
+
+    async def resume(self, destination: str, after: int) -> list[Publication] | None:
+        """The destination's publications after ``after``, in order, if this listener serves it (None
+        if not); raises :class:`MessageRejected` when it cannot (resume point too old, ...)."""
+        return None
 
 
 class MessageRouter:
@@ -154,7 +183,7 @@ class MessageRouter:
 
 
 class Hub:
-    """Per-node routing core; see the module docstring."""
+    """Per-node sessions and subscriptions; see the module docstring."""
 
     def __init__(self, broker: Broker, router: MessageRouter, *, node_id: str) -> None:
         self.broker = broker
@@ -165,28 +194,15 @@ class Hub:
         # The node's abuse limits (SEND rate, sessions per user and per address), started and stopped
         # with the hub; set by the app (a connection builds per-node ones when it finds None).
         self.limits: NodeLimits | None = None
-        self.interceptors: list[Interceptor] = []
-        self.on_connect: list[SessionHook] = []
-        self.authorize_subscribe: list[SubscriptionHook] = []
-        # Awaited for every subscription once the node's broker subscription is confirmed and before
-        # the client's RECEIPT (the chat sequencer reads its baseline here): what is committed after
-        # the RECEIPT reaches the subscriber.
-        self.on_broker_subscribed: list[SubscriptionHook] = []
-        self.on_subscribe: list[SubscriptionHook] = []
-        self.on_unsubscribe: list[SubscriptionHook] = []
-        self.on_disconnect: list[SessionHook] = []
-        # Called with a destination when its last local subscription is gone (UNSUBSCRIBE or session end).
-        self.on_destination_idle: list[Callable[[str], None]] = []
-        self.gap_listeners: list[GapListener] = []
-        self.resume_handler: ResumeHandler | None = None
-        self._subscriptions: dict[str, dict[str, str]] = {}  # session id -> {sub id: destination}
+        self.listeners: list[HubListener] = []
         self._broker_lock = asyncio.Lock()
         self._ended: set[str] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        await self.broker.start(self.receive_publication, self._gap)
+    async def start(self, receive: ReceivePath) -> None:
+        """Start the broker feeding ``receive`` (see :func:`gateway.receive.compose`), then the limits."""
+        await self.broker.start(receive.accept, receive.gap)
         if self.limits is not None:
             await self.limits.start()
 
@@ -195,38 +211,30 @@ class Hub:
             await self.limits.stop()
         await self.broker.stop()
 
-    def _gap(self, destinations: frozenset[str]) -> None:
-        for listener in self.gap_listeners:
-            try:
-                listener(destinations)
-            except Exception:
-                log.exception("gap listener failed")
-
     # --- sessions ----------------------------------------------------------------------------
 
     def register(self, subscriber: Subscriber) -> None:
         self.sessions[subscriber.info.session_id] = subscriber
 
     async def session_connected(self, subscriber: Subscriber) -> None:
-        for hook in self.on_connect:
-            await hook(subscriber.info)
+        for listener in self.listeners:
+            await listener.session_connected(subscriber.info)
 
     async def session_ended(self, subscriber: Subscriber, *, connected: bool) -> None:
-        """Remove the session's subscriptions and run disconnect hooks, exactly once per session."""
+        """Remove the session's subscriptions and tell the listeners, exactly once per session."""
         info = subscriber.info
         if info.session_id in self._ended:
             return
         self._ended.add(info.session_id)
         self.sessions.pop(info.session_id, None)
-        for sub_id, destination in list(self._subscriptions.get(info.session_id, {}).items()):
+        for sub_id, destination in self.registry.subscriptions_of(subscriber).items():
             await self._remove_subscription(subscriber, sub_id, destination)
-        self._subscriptions.pop(info.session_id, None)
         if connected:
-            for hook in self.on_disconnect:
+            for listener in self.listeners:
                 try:
-                    await hook(info)
+                    await listener.session_ended(info)
                 except Exception:
-                    log.exception("disconnect hook failed for session %s", info.session_id)
+                    log.exception("session end listener failed for session %s", info.session_id)
         self._ended.discard(info.session_id)
 
     # --- subscriptions ------------------------------------------------------------------------
@@ -234,11 +242,11 @@ class Hub:
     async def subscribe(self, subscriber: Subscriber, subscription_id: str, destination: str) -> None:
         """Authorize, then register a subscription (broker-subscribing the node on the first).
 
-        Raises :class:`SubscriptionDenied` from an ``authorize_subscribe`` hook before anything is
-        registered. The caller answers the receipt, then calls :meth:`subscribed` for the hooks.
+        Raises :class:`SubscriptionDenied` from a listener before anything is registered. The caller
+        answers the receipt, then calls :meth:`subscribed`.
         """
-        for check in self.authorize_subscribe:
-            await check(subscriber.info, subscription_id, destination)
+        for listener in self.listeners:
+            await listener.authorize_subscribe(subscriber.info, subscription_id, destination)
         async with self._broker_lock:
             if self.registry.add(destination, subscriber, subscription_id):
                 try:
@@ -246,40 +254,45 @@ class Hub:
                 except BaseException:
                     self.registry.remove(destination, subscriber, subscription_id)
                     raise
-        self._subscriptions.setdefault(subscriber.info.session_id, {})[subscription_id] = destination
-        for hook in self.on_broker_subscribed:
-            await hook(subscriber.info, subscription_id, destination)
+        metrics.SUBSCRIPTIONS.inc()
+        for listener in self.listeners:
+            await listener.subscription_confirmed(subscriber.info, subscription_id, destination)
 
     async def subscribed(self, subscriber: Subscriber, subscription_id: str, destination: str) -> None:
-        """Run the ``on_subscribe`` hooks (presence ENTER, ...) once the subscription is in place."""
-        for hook in self.on_subscribe:
-            await hook(subscriber.info, subscription_id, destination)
+        """Tell the listeners (presence ENTER, ...) once the subscription is in place."""
+        for listener in self.listeners:
+            await listener.subscribed(subscriber.info, subscription_id, destination)
 
     async def unsubscribe(self, subscriber: Subscriber, subscription_id: str, destination: str,
                           *, run_hooks: bool = True) -> None:
         removed = await self._remove_subscription(subscriber, subscription_id, destination)
         if removed and run_hooks:
-            for hook in self.on_unsubscribe:
-                await hook(subscriber.info, subscription_id, destination)
+            for listener in self.listeners:
+                await listener.unsubscribed(subscriber.info, subscription_id, destination)
 
     async def _remove_subscription(self, subscriber: Subscriber, subscription_id: str, destination: str) -> bool:
-        session_id = subscriber.info.session_id
-        subs = self._subscriptions.get(session_id)
-        if subs is None or subs.pop(subscription_id, None) is None:
+        if not self.registry.holds(subscriber, subscription_id):
             return False
-        if not subs and session_id not in self.sessions:
-            del self._subscriptions[session_id]  # an ended session's late subscription: leave nothing
         async with self._broker_lock:
-            if self.registry.remove(destination, subscriber, subscription_id):
+            idle = self.registry.remove(destination, subscriber, subscription_id)
+            metrics.SUBSCRIPTIONS.dec()
+            if idle:
                 try:
                     await self.broker.unsubscribe(destination)
                 except Exception:
                     log.warning("broker unsubscribe of %s failed", destination, exc_info=True)
-                for listener in self.on_destination_idle:
-                    listener(destination)
+                for listener in self.listeners:
+                    try:
+                        listener.destination_idle(destination)
+                    except Exception:
+                        log.exception("destination idle listener failed for %s", destination)
         return True
 
-    # --- publishing and delivery ---------------------------------------------------------------
+    def subscriptions_of(self, subscriber: Subscriber) -> dict[str, str]:
+        """The subscriber's subscriptions (subscription id -> destination), from the registry."""
+        return self.registry.subscriptions_of(subscriber)
+
+    # --- publishing and resume ------------------------------------------------------------------
 
     async def publish(self, publication: Publication) -> None:
         await self.broker.publish(publication)
@@ -287,38 +300,14 @@ class Hub:
     async def publish_many(self, publications: Sequence[Publication]) -> None:
         await self.broker.publish_many(publications)
 
-    def receive_publication(self, publication: Publication) -> None:
-        """Broker callback: run interceptors, then fan out locally. Never blocks."""
-        publications: Iterable[Publication] = (publication,)
-        for interceptor in self.interceptors:
-            publications = [out for pub in publications for out in interceptor(pub)]
-        for pub in publications:
-            self.deliver_locally(pub)
-
     async def resume(self, destination: str, after: int) -> list[MessageTemplate]:
-        """The MESSAGE templates of ``destination`` after ``after`` (see :data:`ResumeHandler`)."""
-        if self.resume_handler is None:
-            raise MessageRejected(f"{RESUME_HEADER} is not supported here")
-        return [self.template(pub) for pub in await self.resume_handler(destination, after)]
-
-    @staticmethod
-    def template(publication: Publication) -> MessageTemplate:
-        """A publication's MESSAGE, serialized once for every receiver (``x-seq`` when sequenced)."""
-        extra = publication.headers
-        if publication.seq is not None:
-            extra = (*extra, (SEQ_HEADER, str(publication.seq)))
-        return MessageTemplate(publication.destination, publication.body, content_type=publication.content_type,
-                               extra_headers=extra, seq=publication.seq)
-
-    def deliver_locally(self, publication: Publication) -> int:
-        """Render ``publication`` to every local subscriber of its destination; returns the count."""
-        receivers = list(self.registry.match(publication.destination))
-        if not receivers:
-            return 0
-        template = self.template(publication)
-        for subscriber, subscription_id in receivers:
-            subscriber.deliver(template, subscription_id)
-        return len(receivers)
+        """The MESSAGE templates of ``destination`` after ``after``, from the first listener that
+        serves the destination; :class:`MessageRejected` if none does."""
+        for listener in self.listeners:
+            publications = await listener.resume(destination, after)
+            if publications is not None:
+                return [message_template(pub) for pub in publications]
+        raise MessageRejected(f"{RESUME_HEADER} is not supported for {destination}")
 
     def close_all(self, code: int, reason: str, error: str | None = None) -> None:
         for subscriber in list(self.sessions.values()):

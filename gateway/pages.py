@@ -63,7 +63,7 @@ from gateway.stomp.session import AuthenticationFailed
 from gateway.transport.origin import origin_allowed
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.host import Host
 
 log = logging.getLogger(__name__)
 
@@ -321,9 +321,9 @@ class Pages:
         ]
 
 
-def pages_component(gateway: Gateway) -> Sequence[BaseRoute]:
-    """Wire the pages into the default app (see gateway.app.default_components)."""
-    for problem in check_vendor(gateway.settings):
+def pages_component(host: Host) -> Sequence[BaseRoute]:
+    """The pages' routes for the default app (gateway.app.create_app)."""
+    for problem in check_vendor(host.settings):
         log.warning("chat page: %s", problem)
-    return Pages(gateway.settings).routes()
+    return Pages(host.settings).routes()
 

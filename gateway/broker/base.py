@@ -17,7 +17,7 @@ Must not import Starlette, the transport layer or the chat domain.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 
@@ -40,6 +40,10 @@ class Publication:
     headers: tuple[tuple[str, str], ...] = ()
     origin: str = ""
     seq: int | None = None
+    committed_at: float | None = field(default=None, compare=False)
+    """When the message was stored (Unix seconds), where the receiving node knows it: set by the chat
+    layer for what this node committed and for what it repairs from the database; not carried by the
+    bus (Spring's wire format has no such field). Feeds the save-to-deliver latency metric."""
 
 
 PublicationHandler = Callable[[Publication], None]
@@ -66,10 +70,15 @@ class Broker(Protocol):
         """Disconnect; no callbacks run after this returns."""
 
     async def subscribe(self, destination: str) -> None:
-        """Start receiving publications for ``destination`` (an exact destination or an Ant pattern)."""
+        """Start receiving publications for ``destination`` (an exact destination or an Ant pattern).
+
+        Idempotent: the hub calls it once, for the destination's first local subscriber. The broker
+        hands on whatever its channels carry (in Spring's ``single`` mode, every room): which local
+        sessions receive a publication is the receive path's question, not the broker's.
+        """
 
     async def unsubscribe(self, destination: str) -> None:
-        """Stop receiving publications for ``destination``."""
+        """Stop receiving publications for ``destination`` (after its last local subscriber)."""
 
     async def publish(self, publication: Publication) -> None:
         """Send ``publication`` to every node subscribed to its destination (this one included).
@@ -82,6 +91,9 @@ class Broker(Protocol):
 
         Raises :class:`BrokerUnavailable` when they could not all be sent; some may have been.
         """
+
+    def destinations(self) -> frozenset[str]:
+        """Every destination and pattern this node holds on the bus."""
 
     @property
     def healthy(self) -> bool:

@@ -7,7 +7,6 @@ Must not import Starlette, the transport layer or the chat domain.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 
 from gateway.broker.base import BrokerUnavailable, GapHandler, Publication, PublicationHandler
@@ -20,8 +19,8 @@ class MemoryBroker:
     def __init__(self, node_id: str = "memory") -> None:
         self.node_id = node_id
         self._handler: PublicationHandler | None = None
-        self._exact: Counter[str] = Counter()
-        self._patterns: Counter[str] = Counter()
+        self._exact: set[str] = set()      # the destinations subscribed (the hub subscribes each once)
+        self._patterns: set[str] = set()
 
     async def start(self, on_publication: PublicationHandler, on_gap: GapHandler | None = None) -> None:
         self._handler = on_publication
@@ -34,13 +33,14 @@ class MemoryBroker:
         return self._handler is not None
 
     async def subscribe(self, destination: str) -> None:
-        (self._patterns if is_pattern(destination) else self._exact)[destination] += 1
+        (self._patterns if is_pattern(destination) else self._exact).add(destination)
 
     async def unsubscribe(self, destination: str) -> None:
-        counter = self._patterns if is_pattern(destination) else self._exact
-        counter[destination] -= 1
-        if counter[destination] <= 0:
-            del counter[destination]
+        (self._patterns if is_pattern(destination) else self._exact).discard(destination)
+
+    def destinations(self) -> frozenset[str]:
+        """Every destination and pattern this node is subscribed to."""
+        return frozenset(self._exact) | frozenset(self._patterns)
 
     async def ping(self) -> bool:
         return self._handler is not None

@@ -74,7 +74,6 @@ from gateway.broker.base import (
     RoomPayloadReader,
 )
 from gateway.broker.channels import ChannelMapper, RedisSubscription, SpringChannelMapper, glob_matches
-from gateway.broker.patterns import is_pattern, matches
 from gateway.broker.redis_urls import RedisTarget, cluster_client, parse_redis_url, sentinel_manager
 from gateway.metrics import REDIS_RECONNECTS
 
@@ -178,8 +177,11 @@ class RedisBroker:
         self.pool_size = pool_size
         self._handler: PublicationHandler | None = None
         self._gap_handler: GapHandler | None = None
-        self._exact: Counter[str] = Counter()
-        self._patterns: Counter[str] = Counter()
+        # The destinations (and patterns) the node holds on the bus: the hub subscribes a destination
+        # once, at its first local subscriber, and unsubscribes after its last (the hub's registry
+        # owns who is subscribed; this is only the bus side). A Redis subscription can serve several
+        # destinations (one channel in ``single`` mode, a pattern), hence the counts in _wanted.
+        self._destinations: set[str] = set()
         self._wanted: Counter[RedisSubscription] = Counter()
         self._routes: dict[RedisSubscription, str] = {}
         self._unrouted: set[RedisSubscription] = set()
@@ -285,10 +287,9 @@ class RedisBroker:
 
     async def subscribe(self, destination: str) -> None:
         """Want ``destination``; while connected, returns once Redis confirmed the subscription."""
-        counter = self._patterns if is_pattern(destination) else self._exact
-        counter[destination] += 1
         subs = self.mapper.subscriptions(destination)
-        if counter[destination] == 1:
+        if destination not in self._destinations:
+            self._destinations.add(destination)
             for sub in subs:
                 self._wanted[sub] += 1
                 if self._wanted[sub] == 1:
@@ -326,14 +327,9 @@ class RedisBroker:
                     self._flush_gaps(link)
 
     async def unsubscribe(self, destination: str) -> None:
-        counter = self._patterns if is_pattern(destination) else self._exact
-        if counter[destination] <= 0:
-            del counter[destination]
+        if destination not in self._destinations:
             return
-        counter[destination] -= 1
-        if counter[destination] > 0:
-            return
-        del counter[destination]
+        self._destinations.discard(destination)
         for sub in self.mapper.subscriptions(destination):
             self._wanted[sub] -= 1
             if self._wanted[sub] <= 0:
@@ -388,7 +384,7 @@ class RedisBroker:
 
     def destinations(self) -> frozenset[str]:
         """Every destination and pattern this node is subscribed to."""
-        return frozenset(self._exact) | frozenset(self._patterns)
+        return frozenset(self._destinations)
 
     def links(self) -> dict[str, str]:
         """Shard key -> the address its pub/sub connection is connected to ('' while down)."""
@@ -866,13 +862,11 @@ class RedisBroker:
         if publication is None:
             self._undecodable(channel, "not a publication")
             return
-        destination = publication.destination
-        if destination not in self._exact and not any(matches(p, destination) for p in self._patterns):
-            return
+        # Which local sessions (if any) receive it is the receive path's question (gateway.receive).
         try:
             handler(publication)
         except Exception:
-            log.exception("on_publication failed for %s", destination)
+            log.exception("on_publication failed for %s", publication.destination)
 
     def _undecodable(self, channel: bytes, why: str) -> None:
         self.undecodable += 1

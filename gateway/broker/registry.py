@@ -1,6 +1,10 @@
 """The node-local subscription registry: which sessions hold which subscriptions.
 
-Owns: mapping a destination to the (subscriber, subscription id) pairs that should receive it.
+Owns the node's one record of local subscriptions: which (subscriber, subscription id) pairs should
+receive a destination, and each subscriber's subscriptions (the other way round, for session end and
+for the chat layer's access re-checks). Nothing else keeps a copy: the hub, the broker, presence and
+the sequencer ask it or react to its first/last transitions. (A session's STOMP state keeps its own
+subscription ids for the protocol's checks; that is the client's view, not the node's.)
 Exact destinations are a dict lookup (the hot path: rooms); Ant patterns are checked in a list.
 It reports when a destination gains its first or loses its last local subscriber, so the node can
 subscribe or unsubscribe on the broker exactly once per destination.
@@ -24,6 +28,7 @@ class SubscriptionRegistry(Generic[S]):
     def __init__(self) -> None:
         self._exact: dict[str, dict[tuple[S, str], None]] = {}
         self._patterns: dict[str, dict[tuple[S, str], None]] = {}
+        self._by_subscriber: dict[S, dict[str, str]] = {}   # subscriber -> {subscription id: destination}
 
     def add(self, destination: str, subscriber: S, subscription_id: str) -> bool:
         """Register; True when this is the destination's first local subscription."""
@@ -33,10 +38,16 @@ class SubscriptionRegistry(Generic[S]):
         entries = table.setdefault(destination, {})
         first = not entries
         entries[(subscriber, subscription_id)] = None
+        self._by_subscriber.setdefault(subscriber, {})[subscription_id] = destination
         return first
 
     def remove(self, destination: str, subscriber: S, subscription_id: str) -> bool:
         """Unregister; True when the destination has no local subscription left."""
+        own = self._by_subscriber.get(subscriber)
+        if own is not None and own.get(subscription_id) == destination:
+            del own[subscription_id]
+            if not own:
+                del self._by_subscriber[subscriber]
         table = self._patterns if is_pattern(destination) else self._exact
         entries = table.get(destination)
         if entries is None:
@@ -55,6 +66,18 @@ class SubscriptionRegistry(Generic[S]):
         for pattern, pattern_entries in list(self._patterns.items()):
             if compile_pattern(pattern).match(destination) is not None:
                 yield from list(pattern_entries)
+
+    def holds(self, subscriber: S, subscription_id: str) -> bool:
+        """Whether ``subscriber`` has a subscription with this id."""
+        return subscription_id in self._by_subscriber.get(subscriber, {})
+
+    def subscriptions_of(self, subscriber: S) -> dict[str, str]:
+        """A copy of ``subscriber``'s subscriptions: subscription id -> destination."""
+        return dict(self._by_subscriber.get(subscriber, {}))
+
+    def subscribers(self) -> list[S]:
+        """Every subscriber holding at least one subscription."""
+        return list(self._by_subscriber)
 
     def destinations(self) -> frozenset[str]:
         """Every destination and pattern with at least one local subscription."""

@@ -1,30 +1,35 @@
-"""Wires the chat domain into a Gateway: storage, presence, service, sequencer, handlers, routes.
+"""Wires the chat domain into a node: storage, presence, service, sequencer, handlers, routes.
 
-Owns the chat layer's start-up and shutdown order: check the schema, start the group-commit
-writer, presence and publisher; on shutdown (after sessions drained) commit what is queued, publish
-what was committed, then stop presence and close the database.
+Owns the chat layer's composition, in one place (:func:`chat_component`): the send path (the handler
+on ``chat_message_destination`` -> :class:`ChatService` -> :class:`GroupCommitWriter`, whose commits
+go to ``ChatService.committed``, which offers them to the sequencer before publishing), the receive
+path's ordering stage (:class:`RoomSequencer`), the hub listener (:class:`ChatListener`), and the
+start-up and shutdown order: check the schema, start the group-commit writer, presence and
+publisher; on shutdown (after sessions drained) commit what is queued, publish what was committed,
+then stop presence and close the database.
+
+Must not import Starlette's app, the transport layer or the node (``gateway.node``, ``gateway.app``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 from starlette.routing import BaseRoute
 
+from gateway.broker.base import Publication
 from gateway.chat.group_commit import GroupCommitWriter
 from gateway.chat.migrations import schema_problem
 from gateway.chat.presence import MemoryPresence, Presence, RedisPresence
 from gateway.chat.repository import ChatRepository, is_sqlite_url, make_engine
 from gateway.chat.routes import chat_routes
 from gateway.chat.sequencer import RoomSequencer
-from gateway.chat.service import ChatService
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.chat.service import ChatService, PublicationEncoder
+from gateway.host import Host
+from gateway.hub import HubListener, SessionInfo
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +38,54 @@ class SchemaMissing(RuntimeError):
     pass
 
 
-def chat_component(gateway: Gateway) -> Sequence[BaseRoute]:
-    settings = gateway.settings
+class ChatListener(HubListener):
+    """The chat layer's answers to the hub's session events: access checks, presence and ENTER/QUIT
+    (the service), and which rooms the sequencer orders (from confirmation to idle)."""
+
+    def __init__(self, service: ChatService, sequencer: RoomSequencer) -> None:
+        self.service = service
+        self.sequencer = sequencer
+
+    async def authorize_subscribe(self, session: SessionInfo, subscription_id: str, destination: str) -> None:
+        await self.service.authorize_subscribe(session, subscription_id, destination)
+
+    async def subscription_confirmed(self, session: SessionInfo, subscription_id: str, destination: str) -> None:
+        room_id = self.sequencer.room_of(destination)
+        if room_id is not None:
+            await self.sequencer.track(room_id)
+
+    async def subscribed(self, session: SessionInfo, subscription_id: str, destination: str) -> None:
+        await self.service.on_subscribe(session, subscription_id, destination)
+
+    async def unsubscribed(self, session: SessionInfo, subscription_id: str, destination: str) -> None:
+        await self.service.on_unsubscribe(session, subscription_id, destination)
+
+    def destination_idle(self, destination: str) -> None:
+        room_id = self.sequencer.room_of(destination)
+        if room_id is not None:
+            self.sequencer.forget(room_id)
+
+    async def session_ended(self, session: SessionInfo) -> None:
+        await self.service.on_disconnect(session)
+
+    async def resume(self, destination: str, after: int) -> list[Publication] | None:
+        return await self.service.resume(destination, after)
+
+
+@dataclass(frozen=True, eq=False)
+class ChatComponent:
+    """The chat domain as the node holds it."""
+
+    service: ChatService
+    sequencer: RoomSequencer
+    writer: GroupCommitWriter
+    repository: ChatRepository
+    routes: tuple[BaseRoute, ...]
+
+
+def chat_component(host: Host) -> ChatComponent:
+    settings = host.settings
+    hub = host.hub
     engine = make_engine(settings.database_url, busy_timeout_s=settings.db_busy_timeout_s,
                          connect_timeout_s=settings.db_connect_timeout_s,
                          statement_timeout_s=settings.db_statement_timeout_s)
@@ -51,40 +102,25 @@ def chat_component(gateway: Gateway) -> Sequence[BaseRoute]:
         presence = RedisPresence(settings.redis_url, node_id=settings.node_id,
                                  prefix=settings.redis_channel_prefix, ttl_s=settings.presence_ttl_s,
                                  refresh_s=settings.presence_refresh_s)
-    service = ChatService(settings, repository, writer, presence, gateway.hub)
+    encode = PublicationEncoder(settings.chat_room_prefix, presence, settings.node_id)
+    # Receive path: the sequencer is the ordering stage between the bus and the local fan-out.
     sequencer = RoomSequencer(settings.chat_room_prefix, history=repository.history,
-                              last_seq=repository.last_seq, encode=service.encode,
-                              deliver=gateway.hub.deliver_locally, heads=repository.last_seqs,
+                              last_seq=repository.last_seq, encode=encode, heads=repository.last_seqs,
                               head_check_s=settings.room_head_check_s)
-    service.deliver_local = sequencer.offer_local
-    hub = gateway.hub
+    host.receive_stages.append(sequencer)
+    # Send path: handler -> service -> writer; each commit goes to the service, which offers it to
+    # the sequencer (this node's subscribers) and then queues it for the bus.
+    service = ChatService(settings, repository, writer, presence, hub, encode=encode,
+                          deliver_local=sequencer.offer_local)
+    writer.on_commit = service.committed
     path = settings.chat_message_destination
     for prefix in settings.app_prefixes:
         if path.startswith(prefix.rstrip("/") + "/"):
-            gateway.router.add(path[len(prefix.rstrip("/")):], service.handle_send)
+            host.router.add(path[len(prefix.rstrip("/")):], service.handle_send)
             break
     else:
         raise ValueError(f"chat_message_destination {path!r} is not under an application prefix")
-
-    async def track_room(session: object, subscription_id: str, destination: str) -> None:
-        room_id = sequencer.room_of(destination)
-        if room_id is not None:
-            await sequencer.track(room_id)
-
-    def untrack_room(destination: str) -> None:
-        room_id = sequencer.room_of(destination)
-        if room_id is not None:
-            sequencer.forget(room_id)
-
-    hub.resume_handler = service.resume
-    hub.authorize_subscribe.append(service.authorize_subscribe)
-    hub.interceptors.append(sequencer.intercept)
-    hub.gap_listeners.append(sequencer.on_gap)
-    hub.on_broker_subscribed.append(track_room)
-    hub.on_subscribe.append(service.on_subscribe)
-    hub.on_unsubscribe.append(service.on_unsubscribe)
-    hub.on_destination_idle.append(untrack_room)
-    hub.on_disconnect.append(service.on_disconnect)
+    hub.listeners.append(ChatListener(service, sequencer))
 
     async def database_ready() -> bool:
         try:
@@ -95,7 +131,7 @@ def chat_component(gateway: Gateway) -> Sequence[BaseRoute]:
             return False
         return True
 
-    async def startup(gw: Gateway) -> None:
+    async def startup() -> None:
         where = settings.database_url.split("@")[-1]
         try:
             problem = await schema_problem(engine)
@@ -108,7 +144,7 @@ def chat_component(gateway: Gateway) -> Sequence[BaseRoute]:
         await service.start()
         await sequencer.start()
 
-    async def shutdown(gw: Gateway) -> None:
+    async def shutdown() -> None:
         # Commit what was read, then publish what was committed, then let go of Redis and the DB.
         await writer.stop(timeout=settings.drain_timeout_s)
         await service.stop(timeout=settings.drain_timeout_s)
@@ -116,9 +152,7 @@ def chat_component(gateway: Gateway) -> Sequence[BaseRoute]:
         await presence.stop()
         await engine.dispose()
 
-    gateway.health_checks["database"] = database_ready
-    gateway.startup.append(startup)
-    gateway.shutdown.append(shutdown)
-    gateway.extras["chat"] = service
-    gateway.extras["sequencer"] = sequencer
-    return chat_routes(service)
+    host.health_checks["database"] = database_ready
+    host.startup.append(startup)
+    host.shutdown.append(shutdown)
+    return ChatComponent(service, sequencer, writer, repository, tuple(chat_routes(service)))

@@ -1,6 +1,11 @@
 """Per-node room sequencer: each room's messages reach local subscribers once, in ``seq`` order.
 
-Owns: the interceptor between the broker and local fan-out for room destinations. Redis Pub/Sub is
+Owns: the ordering stage of the receive path (:class:`gateway.receive.Stage`, between the bus and
+the local fan-out; composed by :func:`gateway.receive.compose`) for room destinations: what it lets
+through, holds or repairs goes on to its ``downstream``, so any later stage sees every message. It
+keeps ordering state (last delivered ``seq``, held messages) only for rooms with a local exact
+subscription: the chat layer's hub listener starts a room at its subscription's confirmation and
+drops it when the registry reports the room idle. Redis Pub/Sub is
 at-most-once and messages from different nodes interleave arbitrarily, so for every room with local
 subscribers the node remembers the last ``seq`` it delivered and:
 
@@ -38,9 +43,11 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
+from gateway import metrics
 from gateway.broker.base import Publication
 from gateway.chat.models import StoredMessage
 from gateway.chat.payload import peek_seq, room_id_of
+from gateway.receive import Emit
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +55,6 @@ HistoryFetch = Callable[[str, int, int], Awaitable[list[StoredMessage]]]
 LastSeqFetch = Callable[[str], Awaitable[int | None]]
 HeadsFetch = Callable[[list[str]], Awaitable[dict[str, int]]]
 Encode = Callable[[StoredMessage], Publication]
-Deliver = Callable[[Publication], object]
 
 REPAIR_BATCH = 200
 MAX_HELD = 10000
@@ -65,9 +71,17 @@ class _Room:
     behind: int | None = None   # a head above ``last`` seen at the previous head check
 
 
+def _not_composed(publication: Publication) -> None:
+    raise RuntimeError("RoomSequencer is not composed into a receive path (gateway.receive.compose)")
+
+
 class RoomSequencer:
+    """The ``room-order`` stage; see the module docstring."""
+
+    name = "room-order"
+
     def __init__(self, room_prefix: str, *, history: HistoryFetch, last_seq: LastSeqFetch, encode: Encode,
-                 deliver: Deliver, heads: HeadsFetch | None = None, head_check_s: float = 1.0) -> None:
+                 heads: HeadsFetch | None = None, head_check_s: float = 1.0) -> None:
         self.room_prefix = room_prefix
         self._history = history
         self._last_seq = last_seq
@@ -77,7 +91,7 @@ class RoomSequencer:
         self._heads_failing = False
         self.head_repairs = 0
         self._encode = encode
-        self._deliver = deliver
+        self.downstream: Emit = _not_composed
         self._rooms: dict[str, _Room] = {}
         self.duplicates_dropped = 0
         self.repaired = 0
@@ -150,6 +164,7 @@ class RoomSequencer:
             return
         state = _Room()
         self._rooms[room_id] = state
+        metrics.ROOMS_SERVED.inc()
         try:
             state.last = await self._last_seq(room_id) or 0
         except Exception as exc:
@@ -163,31 +178,37 @@ class RoomSequencer:
 
     def forget(self, room_id: str) -> None:
         state = self._rooms.pop(room_id, None)
-        if state is not None and state.task is not None:
+        if state is None:
+            return
+        metrics.ROOMS_SERVED.dec()
+        if state.task is not None:
             state.task.cancel()
 
     def tracked(self) -> frozenset[str]:
         return frozenset(self._rooms)
 
-    # --- interceptor ----------------------------------------------------------------------------
+    # --- the stage ------------------------------------------------------------------------------
+
+    def accept(self, publication: Publication) -> None:
+        """A publication from the bus: pass it on in order (untracked rooms and other destinations
+        pass straight through)."""
+        room_id = self.room_of(publication.destination)
+        state = None if room_id is None else self._rooms.get(room_id)
+        if room_id is None or state is None:
+            self.downstream(publication)
+            return
+        for out in self._order(room_id, state, publication):
+            self.downstream(out)
 
     def offer_local(self, publication: Publication) -> None:
-        """A message this node just committed: deliver it now, in order, if the room is tracked."""
+        """A message this node just committed: pass it on now, in order, if the room is tracked (an
+        untracked room's subscribers are pattern subscribers: they take the bus copy)."""
         room_id = self.room_of(publication.destination)
         state = None if room_id is None else self._rooms.get(room_id)
         if room_id is None or state is None:
             return
         for out in self._order(room_id, state, publication):
-            self._deliver(out)
-
-    def intercept(self, publication: Publication) -> Iterable[Publication]:
-        room_id = self.room_of(publication.destination)
-        if room_id is None:
-            return (publication,)
-        state = self._rooms.get(room_id)
-        if state is None:
-            return (publication,)
-        return self._order(room_id, state, publication)
+            self.downstream(out)
 
     def _order(self, room_id: str, state: _Room, publication: Publication) -> Iterable[Publication]:
         """What of ``publication`` to deliver now for a tracked room (nothing if held or a duplicate)."""
@@ -203,7 +224,7 @@ class RoomSequencer:
             state.last = seq
             return (publication,)
         if seq <= state.last:
-            self.duplicates_dropped += 1
+            self._duplicate()
             return ()
         if seq == state.last + 1:
             state.last = seq
@@ -221,9 +242,13 @@ class RoomSequencer:
 
     # --- internals -----------------------------------------------------------------------------
 
+    def _duplicate(self) -> None:
+        self.duplicates_dropped += 1
+        metrics.DUPLICATES_DROPPED.inc()
+
     def _hold(self, room_id: str, state: _Room, seq: int, publication: Publication) -> None:
         if state.last is not None and seq <= state.last:
-            self.duplicates_dropped += 1
+            self._duplicate()
             return
         state.held[seq] = publication
         if state.task is not None:
@@ -245,16 +270,17 @@ class RoomSequencer:
         for seq in sorted(state.held):
             if state.last is not None and seq <= state.last:
                 del state.held[seq]
-                self.duplicates_dropped += 1
+                self._duplicate()
                 continue
             if force or state.last is None or seq == state.last + 1:
-                self._deliver(state.held.pop(seq))
+                self.downstream(state.held.pop(seq))
                 state.last = seq
             else:
                 break
 
     def _start_repair(self, room_id: str, state: _Room) -> None:
         if state.task is None:
+            metrics.SEQUENCER_REPAIRS.inc()
             state.task = asyncio.create_task(self._repair(room_id, state), name=f"repair-{room_id}")
 
     async def _repair(self, room_id: str, state: _Room) -> None:
@@ -299,7 +325,8 @@ class RoomSequencer:
                 publication = held if held is not None else self._encode(stored)
                 if held is None:
                     self.repaired += 1
-                self._deliver(publication)
+                    metrics.MESSAGES_RECOVERED.inc()
+                self.downstream(publication)
                 state.last = stored.seq
             if len(missing) < REPAIR_BATCH:
                 return

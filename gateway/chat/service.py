@@ -17,7 +17,7 @@ Owns the chat rules of the Spring reference:
 - the SEND path is pipelined: :meth:`ChatService.handle_send` validates, waits for room in the
   writer (the node's backpressure, see ``max_pending_sends``), submits, and returns a future that
   resolves after the commit, so one session can have several SENDs in one group commit;
-- after each group commit (:meth:`ChatService._committed`, in commit order) every stored message is
+- after each group commit (:meth:`ChatService.committed`, the writer's ``on_commit``, in commit order) every stored message is
   encoded once (``userCount`` from the presence cache, never a Redis call per message), offered to
   this node's own subscribers at once through the sequencer (no bus round trip, and a frozen Redis
   does not stop it), and queued for the bus; one publisher task sends whatever is queued as one
@@ -47,6 +47,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC
 
 from gateway.auth import is_reserved_name
 from gateway.authz import AccessRequest, Action, Authorizer, create_policy, refusal, wildcard_may_match
@@ -69,12 +70,14 @@ from gateway.chat.repository import (
     UnknownRoomError,
     is_unavailable,
 )
+from gateway.close_codes import CLOSE_POLICY
 from gateway.hub import (
     Hub,
     InboundMessage,
     MessageNotStored,
     MessageRejected,
     SessionInfo,
+    Subscriber,
     SubscriptionDenied,
 )
 from gateway.metrics import MESSAGES_PUBLISHED, PUBLICATIONS_DROPPED, PUBLISH_BACKLOG, PUBLISH_FAILURES
@@ -84,7 +87,6 @@ log = logging.getLogger(__name__)
 
 STATE_ATTR = "chat"                # the session attribute holding its ChatSessionState
 MAX_REPUBLISH_QUEUE = 10000
-CLOSE_POLICY_VIOLATION = 1008      # WebSocket close code of a session whose access to a room was revoked
 PUBLISH_BATCH = 512                # most publications sent in one pipelined round trip
 RESUME_PAGE = 500                  # messages read per query when a subscription resumes
 
@@ -105,7 +107,10 @@ def legacy_enter_text(name: str) -> str:
 class ChatSessionState:
     """What the chat layer remembers about one session."""
 
-    rooms: dict[str, str] = field(default_factory=dict)   # subscription id -> room id
+    # The presence joins this session holds (subscription id -> room id): joined after the RECEIPT,
+    # left on UNSUBSCRIBE or session end. Which rooms it is subscribed to is the hub registry's fact
+    # (ChatService.rooms_of), not this: a subscription can exist before its join.
+    joined: dict[str, str] = field(default_factory=dict)
     announced: set[str] = field(default_factory=set)      # rooms its ENTER was published in
     name: str | None = None                               # the name a client-sent ENTER announced
 
@@ -145,9 +150,29 @@ def _relay(outer: asyncio.Future[None], inner: asyncio.Future[SaveResult]) -> No
         outer.set_exception(_storage_failure(exc))
 
 
+class PublicationEncoder:
+    """A stored message as the room publication every node delivers: the ChatMessage JSON (with the
+    room's cached ``userCount``), its ``seq``, and when it was stored (``committed_at``)."""
+
+    def __init__(self, room_prefix: str, presence: Presence, node_id: str) -> None:
+        self.room_prefix = room_prefix
+        self.presence = presence
+        self.node_id = node_id
+
+    def __call__(self, stored: StoredMessage) -> Publication:
+        created = stored.created_at
+        if created.tzinfo is None:
+            created = created.replace(tzinfo=UTC)
+        return Publication(self.room_prefix + stored.room_id,
+                           encode_message(stored, self.presence.cached(stored.room_id)),
+                           origin=self.node_id, seq=stored.seq, committed_at=created.timestamp())
+
+
 class ChatService:
     def __init__(self, settings: Settings, repository: ChatRepository, writer: GroupCommitWriter,
-                 presence: Presence, hub: Hub, authz: Authorizer | None = None) -> None:
+                 presence: Presence, hub: Hub, authz: Authorizer | None = None, *,
+                 encode: Callable[[StoredMessage], Publication] | None = None,
+                 deliver_local: Callable[[Publication], None] | None = None) -> None:
         self.settings = settings
         self.authz = authz or Authorizer(create_policy(settings, repository), ttl_s=settings.authz_cache_ttl_s)
         """Who may subscribe, send and read (gateway.authz); SEND checks hit its per-session cache."""
@@ -157,7 +182,9 @@ class ChatService:
         self.presence = presence
         self.hub = hub
         self.room_prefix = settings.chat_room_prefix
-        self.deliver_local: Callable[[Publication], None] | None = None
+        self.encode = encode or PublicationEncoder(settings.chat_room_prefix, presence, hub.node_id)
+        """A stored message as the publication every node delivers (shared with the sequencer)."""
+        self.deliver_local = deliver_local
         """Where this node's committed messages go first (the sequencer's ``offer_local``)."""
         self._known_rooms: set[str] = set()
         self._outbox: deque[Publication] = deque()
@@ -165,7 +192,6 @@ class ChatService:
         self._publisher_task: asyncio.Task[None] | None = None
         self._recheck_task: asyncio.Task[None] | None = None
         self.dropped_publications = 0
-        writer.on_commit = self._committed
 
     async def start(self) -> None:
         self._publisher_task = asyncio.create_task(self._publisher(), name="chat-publisher")
@@ -216,11 +242,6 @@ class ChatService:
 
     # --- persist once, then publish ---------------------------------------------------------------
 
-    def encode(self, stored: StoredMessage) -> Publication:
-        return Publication(self.destination(stored.room_id),
-                           encode_message(stored, self.presence.cached(stored.room_id)),
-                           origin=self.hub.node_id, seq=stored.seq)
-
     def submit(self, message: NewMessage) -> asyncio.Future[None]:
         """Queue ``message`` for the next group commit; the future resolves after it (or fails with
         :class:`MessageRejected` saying why the message was not stored)."""
@@ -232,7 +253,7 @@ class ChatService:
         inner.add_done_callback(lambda done: _relay(outer, done))
         return outer
 
-    def _committed(self, batch: Sequence[tuple[NewMessage, SaveResult]]) -> None:
+    def committed(self, batch: Sequence[tuple[NewMessage, SaveResult]]) -> None:
         """A group commit's messages, in commit order: deliver here first, then queue for the bus."""
         publications = [self.encode(result.message) for _, result in batch]
         deliver = self.deliver_local
@@ -390,6 +411,11 @@ class ChatService:
         if not await self.authz.ask(request):
             raise SubscriptionDenied(refusal(request))
 
+    def rooms_of(self, subscriber: Subscriber) -> set[str]:
+        """The rooms a local session is subscribed to (asked of the hub's registry)."""
+        rooms = (self.room_of(destination) for destination in self.hub.subscriptions_of(subscriber).values())
+        return {room_id for room_id in rooms if room_id is not None}
+
     def membership_changed(self, room_id: str, user: str, *, added: bool) -> None:
         """A member was added or removed on this node: drop the room's cached decisions of every local
         session at once, and end the sessions of a removed member that are subscribed to the room
@@ -400,8 +426,8 @@ class ChatService:
             return
         for subscriber in list(self.hub.sessions.values()):
             info = subscriber.info
-            if info.user == user and room_id in ChatSessionState.of(info).rooms.values():
-                subscriber.close_soon(CLOSE_POLICY_VIOLATION, "access revoked",
+            if info.user == user and room_id in self.rooms_of(subscriber):
+                subscriber.close_soon(CLOSE_POLICY, "access revoked",
                                       error=f"Access to room {room_id!r} was revoked")
 
     async def recheck_subscriptions(self) -> int:
@@ -410,13 +436,13 @@ class ChatService:
         subscribed: list[tuple[SessionInfo, str]] = []
         for subscriber in list(self.hub.sessions.values()):
             info = subscriber.info
-            for room_id in set(ChatSessionState.of(info).rooms.values()):
+            for room_id in self.rooms_of(subscriber):
                 subscribed.append((info, room_id))
         closed = 0
         for info, room_id in await self.authz.recheck(subscribed):
             target = self.hub.sessions.get(info.session_id)
             if target is not None:
-                target.close_soon(CLOSE_POLICY_VIOLATION, "access revoked",
+                target.close_soon(CLOSE_POLICY, "access revoked",
                                       error=f"Access to room {room_id!r} was revoked")
                 closed += 1
         return closed
@@ -437,7 +463,7 @@ class ChatService:
         if room_id is None:
             return
         state = ChatSessionState.of(session)
-        state.rooms[subscription_id] = room_id
+        state.joined[subscription_id] = room_id
         await self.presence.join(room_id)
         name = session.user or state.name
         if name is None or room_id in state.announced:
@@ -453,19 +479,19 @@ class ChatService:
         await self._system_message(room_id, MessageType.ENTER, enter_text(name))
 
     async def on_unsubscribe(self, session: SessionInfo, subscription_id: str, destination: str) -> None:
-        room_id = ChatSessionState.of(session).rooms.pop(subscription_id, None)
+        room_id = ChatSessionState.of(session).joined.pop(subscription_id, None)
         if room_id is not None:
             await self._leave(session, room_id)
 
     async def on_disconnect(self, session: SessionInfo) -> None:
-        rooms = ChatSessionState.of(session).rooms
-        for subscription_id in list(rooms):
-            await self._leave(session, rooms.pop(subscription_id))
+        joined = ChatSessionState.of(session).joined
+        for subscription_id in list(joined):
+            await self._leave(session, joined.pop(subscription_id))
 
     async def _leave(self, session: SessionInfo, room_id: str) -> None:
         await self.presence.leave(room_id)
         state = ChatSessionState.of(session)
-        if room_id in state.rooms.values():
+        if room_id in state.joined.values():
             return  # still subscribed to the room through another subscription
         name = session.user or state.name
         if room_id not in state.announced or name is None:

@@ -23,6 +23,7 @@ import pytest
 from gateway.broker.base import Broker, Publication
 from gateway.broker.channels import SpringChannelMapper
 from gateway.broker.memory import MemoryBroker
+from gateway.broker.patterns import matches
 from gateway.broker.redis import RedisBroker
 from gateway.chat.payload import peek_seq
 from tests.support.polling import eventually
@@ -62,14 +63,20 @@ class Node:
         self.name = name
         self.broker = broker
         self.received: list[Publication] = []
+        self.unmatched: list[Publication] = []
         self.barriers: list[bytes] = []
         self.gaps: list[frozenset[str]] = []
 
     def on_publication(self, publication: Publication) -> None:
         if publication.destination == BARRIER:
             self.barriers.append(publication.body)
-        else:
+        elif any(matches(held, publication.destination) for held in self.broker.destinations()):
+            # What a local subscriber would get: the broker hands on everything its channels carry
+            # (a Redis glob or Spring's single channel carries more than the destination asked for),
+            # and the receive path's fan-out matches destinations exactly, as this does.
             self.received.append(publication)
+        else:
+            self.unmatched.append(publication)
 
     def on_gap(self, destinations: frozenset[str]) -> None:
         self.gaps.append(destinations)

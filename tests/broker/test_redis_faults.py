@@ -279,11 +279,9 @@ async def test_redis_subscriptions_follow_the_nodes_destinations(fault_bus: Bus)
         await node.broker.subscribe(room)
     await node.broker.subscribe("/sub/other/*")
     assert counts() == (7, 1)
-    for room in rooms:
-        await node.broker.unsubscribe(room)
     await node.broker.unsubscribe("/sub/other/*")
     await node.broker.unsubscribe("/sub/never/subscribed")
     await eventually(lambda: counts() == (7, 0), "the pattern's PUNSUBSCRIBE")
-    for room in rooms:
+    for room in rooms:  # subscribed twice, released by one unsubscribe (the hub counts subscribers)
         await node.broker.unsubscribe(room)
     await eventually(lambda: counts() == (1, 0), "every room's UNSUBSCRIBE")

@@ -38,7 +38,7 @@ from gateway.auth import SYSTEM_SENDER_NAME, is_reserved_name
 from gateway.authz import wildcard_may_match
 from gateway.chat.migrations import upgrade
 from gateway.chat.payload import SYSTEM_SENDER
-from gateway.chat.service import ChatService, ChatSessionState
+from gateway.chat.service import ChatService
 from gateway.jwt_auth import key_from_secret, mint_token
 from gateway.settings import SettingsError, load_settings
 from tests.support.live_server import LiveServer
@@ -327,8 +327,8 @@ async def test_sends_hit_the_session_cache_not_the_policy(make_server: Any, poli
     server = await make_server(**mode_settings("users", authz_policy=policy))
     alice = Who("alice", "users", server)
     room = alice.create_room()
-    service = server.gateway.extras["chat"]
-    assert isinstance(service, ChatService)
+    assert server.gateway.chat is not None
+    service = server.gateway.chat.service
     conn, seen = stomp_py(server, alice.connect_headers())
     before = service.authz.queries
     for i in range(50):
@@ -493,7 +493,7 @@ async def test_members_checks_while_the_database_is_down_say_so() -> None:
 
     settings = load_settings(environ={}, **mode_settings("users", authz_policy="members"))
     writer = SimpleNamespace(on_commit=None)
-    hub = SimpleNamespace(sessions={}, node_id="n")
+    hub = SimpleNamespace(sessions={}, node_id="n", subscriptions_of=lambda subscriber: {"1": "/sub/chat/room/r1"})
     repository = SimpleNamespace(get_room=None)
     service = ChatService(settings, repository, writer, SimpleNamespace(), hub,  # type: ignore[arg-type]
                           authz=Authorizer(MembersPolicy(_DownStore()), ttl_s=5.0))
@@ -505,7 +505,6 @@ async def test_members_checks_while_the_database_is_down_say_so() -> None:
     with pytest.raises(MessageNotStored):
         await service.handle_send(inbound)
     hub.sessions["s1"] = SimpleNamespace(info=session)
-    ChatSessionState.of(session).rooms["1"] = "r1"
     with pytest.raises(ConnectionRefusedError):
         await service.recheck_subscriptions()   # the background loop logs nothing for this and retries
 

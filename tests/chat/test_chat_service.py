@@ -249,7 +249,8 @@ async def test_history_limit_is_clamped_to_the_setting(chat_server: LiveServer) 
 
 async def test_the_node_forgets_a_room_when_its_last_local_subscriber_leaves(chat_server: LiveServer) -> None:
     room = await create_room(chat_server)
-    sequencer = chat_server.gateway.extras["sequencer"]
+    assert chat_server.gateway.chat is not None
+    sequencer = chat_server.gateway.chat.sequencer
     ws = await client(chat_server)
     await ws.subscribe(ROOM_PREFIX + room, "a")
     await ws.subscribe(ROOM_PREFIX + room, "b")

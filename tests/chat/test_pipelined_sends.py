@@ -27,9 +27,8 @@ SEND_HEADERS = {"destination": "/pub/chat/message", "content-type": "application
 
 
 def chat_service(server: LiveServer) -> ChatService:
-    service = server.gateway.extras["chat"]
-    assert isinstance(service, ChatService)
-    return service
+    assert server.gateway.chat is not None
+    return server.gateway.chat.service
 
 
 @contextmanager

@@ -13,7 +13,8 @@ import pytest
 from gateway.auth import create_authenticator
 from gateway.broker.base import Publication
 from gateway.broker.memory import MemoryBroker
-from gateway.hub import Hub, InboundMessage, MessageRouter, SessionInfo
+from gateway.hub import Hub, HubListener, InboundMessage, MessageRouter, SessionInfo
+from gateway.receive import LocalFanout, compose
 from gateway.settings import Settings, load_settings
 from gateway.stomp.frames import Frame
 from gateway.transport.connection import StompConnection, session_config
@@ -56,7 +57,7 @@ async def make(hub: Hub | None = None, **values: Any) -> tuple[StompConnection, 
     cfg = settings(**values)
     if hub is None:
         hub = Hub(MemoryBroker(), MessageRouter(cfg.app_prefixes), node_id="n1")
-        await hub.start()
+        await hub.start(compose([], LocalFanout(hub.registry)))
     sink = FakeSink()
     connection = StompConnection(hub, cfg, session_config(cfg), sink, transport="fake", remote="test",
                                  authenticator=create_authenticator(cfg))
@@ -111,9 +112,10 @@ async def test_disconnect_hooks_run_once_whoever_ends_the_session() -> None:
     connection, sink, hub = await make()
     ended: list[str] = []
 
-    async def on_disconnect(info: SessionInfo) -> None:
-        ended.append(info.session_id)
-    hub.on_disconnect.append(on_disconnect)
+    class Ends(HubListener):
+        async def session_ended(self, info: SessionInfo) -> None:
+            ended.append(info.session_id)
+    hub.listeners.append(Ends())
     await connect(connection, sink)
     await connection.receive(frame("DISCONNECT", {"receipt": "bye"}))
     await eventually(lambda: bool(sink.closes), "the close")
@@ -131,17 +133,18 @@ async def test_subscription_finished_after_the_connection_was_lost_is_removed() 
 
     authorizing = asyncio.Event()
 
-    async def slow_authorization(info: SessionInfo, sub_id: str, destination: str) -> None:
-        authorizing.set()
-        await gate.wait()                          # e.g. a database lookup
-    hub.authorize_subscribe.append(slow_authorization)
+    class SlowAuthorization(HubListener):
+        async def authorize_subscribe(self, info: SessionInfo, sub_id: str, destination: str) -> None:
+            authorizing.set()
+            await gate.wait()                      # e.g. a database lookup
+    hub.listeners.append(SlowAuthorization())
     subscribing = asyncio.create_task(connection.receive(frame("SUBSCRIBE", {"id": "0", "destination": "/sub/x"})))
     await asyncio.wait_for(authorizing.wait(), 10)  # the SUBSCRIBE is inside the authorization
     await connection.connection_lost()             # the socket died meanwhile
     gate.set()
     await subscribing
     assert hub.registry.count("/sub/x") == 0
-    assert not hub.sessions and not hub._subscriptions
+    assert not hub.sessions and not hub.registry.subscribers()
 
 
 async def test_broker_unavailable_is_an_error_with_receipt_id() -> None:
