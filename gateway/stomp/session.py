@@ -14,7 +14,9 @@ It decides; the I/O layer executes:
   I/O layer counts frames with it).
 
 A protocol violation never raises out of ``receive_data``: it becomes an ERROR frame (with the bad
-frame's ``receipt-id`` when it had a receipt) followed by a :class:`CloseRequested` event (1002).
+frame's ``receipt-id`` when it had a receipt) followed by a :class:`CloseRequested` event. The session
+names no WebSocket close codes (they are the transport's, :mod:`gateway.close_codes`, which this layer
+cannot import): a ``CloseRequested`` is a protocol error, a ``DisconnectRequested`` a normal close.
 
 Must not import asyncio, Starlette, the broker, the transport or the chat domain.
 """
@@ -43,9 +45,6 @@ _STANDARD_SEND_HEADERS = frozenset({
     "destination", "content-length", "content-type", "receipt", "transaction", "subscription",
     "message-id", "ack", "id",
 })
-
-CLOSE_NORMAL = 1000
-CLOSE_PROTOCOL_ERROR = 1002
 
 
 class AuthenticationFailed(Exception):
@@ -137,8 +136,8 @@ class DisconnectRequested:
 
 @dataclass(frozen=True, slots=True)
 class CloseRequested:
-    """The session is over (an ERROR may be queued before it): flush, then close with ``code``."""
-    code: int
+    """The session failed (an ERROR is queued before it): flush, then close the transport as a
+    protocol error (WebSocket 1002; the code is the transport's to name). ``reason`` is for the close frame."""
     reason: str
 
 
@@ -222,7 +221,6 @@ class StompSession:
         self.created_at = now
         self.last_received = now
         self.last_sent = now
-        self.close_code: int | None = None
 
     # --- inbound ---------------------------------------------------------------------------
 
@@ -305,7 +303,6 @@ class StompSession:
                 events.append(ReceiptRequested(receipt))
         elif command == "DISCONNECT":
             self.state = State.CLOSED
-            self.close_code = CLOSE_NORMAL
             events.append(DisconnectRequested(receipt))
         else:  # pragma: no cover - the parser only yields client commands
             raise ProtocolError(f"Unexpected command {command}")
@@ -327,8 +324,7 @@ class StompSession:
             self._queue_error("Supported protocol versions are 1.2,1.1,1.0", frame.get("receipt"),
                               extra=(("version", ",".join(SUPPORTED_VERSIONS)),))
             self.state = State.CLOSED
-            self.close_code = CLOSE_PROTOCOL_ERROR
-            events.append(CloseRequested(CLOSE_PROTOCOL_ERROR, "unsupported version"))
+            events.append(CloseRequested("unsupported version"))
             return
         # The version is known from here on, before anything below can refuse the CONNECT: an ERROR
         # answering a 1.0 CONNECT (refused credentials, too many sessions, a bad header) must not be
@@ -543,8 +539,7 @@ class StompSession:
         self._outbox.clear()
         self._queue_error(message)
         self.state = State.CLOSED
-        self.close_code = CLOSE_PROTOCOL_ERROR
-        return CloseRequested(CLOSE_PROTOCOL_ERROR, message[:120])
+        return CloseRequested(message[:120])
 
     def data_to_send(self) -> list[bytes]:
         out, self._outbox = self._outbox, []
@@ -562,8 +557,7 @@ class StompSession:
         if self.state is not State.CLOSED:
             self._queue_error(message, receipt_id)
             self.state = State.CLOSED
-            self.close_code = CLOSE_PROTOCOL_ERROR
-        return CloseRequested(CLOSE_PROTOCOL_ERROR, message[:120])
+        return CloseRequested(message[:120])
 
     def close(self) -> None:
         """Mark the session closed without answering (transport lost)."""

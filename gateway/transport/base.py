@@ -11,16 +11,26 @@ from __future__ import annotations
 
 from typing import Protocol
 
-# Close codes used on the wire.
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_INVALID_DATA = 1007
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_INTERNAL = 1011
-CLOSE_SERVICE_RESTART = 1012
-CLOSE_SLOW_CONSUMER = 4500   # Spring's "send limit exceeded / send time limit exceeded"
+# The close codes a FrameSink is closed with, defined once in gateway.close_codes (the chat layer,
+# which must not import the transports, uses them too) and re-exported here for the transports.
+from gateway.close_codes import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL,
+    CLOSE_INVALID_DATA,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_SERVICE_RESTART,
+    CLOSE_SLOW_CONSUMER,
+    CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN_LATER,
+)
+
+__all__ = [
+    "CLOSE_GOING_AWAY", "CLOSE_INTERNAL", "CLOSE_INVALID_DATA", "CLOSE_NORMAL", "CLOSE_POLICY",
+    "CLOSE_PROTOCOL_ERROR", "CLOSE_SERVICE_RESTART", "CLOSE_SLOW_CONSUMER", "CLOSE_TOO_BIG",
+    "CLOSE_TRY_AGAIN_LATER", "Connection", "ConnectionFactory", "FrameSink",
+]
 
 
 class FrameSink(Protocol):

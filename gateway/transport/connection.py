@@ -355,7 +355,7 @@ class StompConnection:
         ERRORS_BY_REASON["too_many_sessions"].inc()
         close = self.session.refuse_connected(f"Too many sessions for user {user!r} (limit {limit})")
         self._drain_session()
-        self._begin_close(close.code, close.reason)
+        self._begin_close(CLOSE_PROTOCOL_ERROR, close.reason)
         return False
 
     def _rate_allowed(self) -> bool | None:
@@ -431,7 +431,7 @@ class StompConnection:
                 self._drain_session()
                 self._begin_close(CLOSE_NORMAL, "DISCONNECT")
             elif isinstance(event, CloseRequested):
-                self._begin_close(event.code, event.reason)
+                self._begin_close(CLOSE_PROTOCOL_ERROR, event.reason)
         except (MessageRejected, SubscriptionDenied) as exc:
             self._fail(str(exc), getattr(event, "receipt", None),
                        reason="denied" if isinstance(exc, SubscriptionDenied) else "rejected")
@@ -607,7 +607,7 @@ class StompConnection:
             ERRORS_BY_REASON[reason].inc()
         close = self.session.send_error(message, receipt)
         self._drain_session()
-        self._begin_close(code or close.code, close.reason)
+        self._begin_close(code or CLOSE_PROTOCOL_ERROR, close.reason)
 
     # --- outbound ------------------------------------------------------------------------------
 

@@ -14,15 +14,18 @@ import json
 import re
 from collections.abc import Sequence
 
+from gateway.close_codes import CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, sendable
+
 # --- frames ---------------------------------------------------------------------------------------
 
 OPEN_FRAME = "o"
 HEARTBEAT_FRAME = "h"
 
-# Close codes and reasons the SockJS protocol itself defines.
+# Close codes and reasons the SockJS protocol itself defines (3000 and 2010 are SockJS's own; its
+# "interrupted" is the WebSocket protocol-error code).
 CLOSE_GO_AWAY = (3000, "Go away!")
 CLOSE_ANOTHER_CONNECTION = (2010, "Another connection still open")
-CLOSE_INTERRUPTED = (1002, "Connection interrupted")
+CLOSE_INTERRUPTED = (CLOSE_PROTOCOL_ERROR, "Connection interrupted")
 
 # SockJS servers escape these ranges so browsers never mangle them (sockjs-protocol's
 # ``escapable_by_server``, plus UTF-16 surrogates as Spring does). Characters outside the Basic
@@ -140,6 +143,4 @@ def websocket_close_code(code: int) -> int:
 
     SockJS codes that are not valid on the WebSocket wire (2010, or 1005/1006) become 1000.
     """
-    if code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014) or 3000 <= code <= 4999:
-        return code
-    return 1000
+    return code if sendable(code) else CLOSE_NORMAL

@@ -19,7 +19,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from gateway.settings import Settings
-from gateway.transport.base import ConnectionFactory
+from gateway.transport.base import CLOSE_TRY_AGAIN_LATER, ConnectionFactory
 from gateway.transport.sockjs.protocol import CLOSE_GO_AWAY
 from gateway.transport.sockjs.session import SockJSSession
 
@@ -35,7 +35,7 @@ class RegistryFull(RuntimeError):
 
 
 #: The close a refused new session gets: 1013 "try again later".
-CLOSE_TOO_MANY_SESSIONS = (1013, "Too many SockJS sessions")
+CLOSE_TOO_MANY_SESSIONS = (CLOSE_TRY_AGAIN_LATER, "Too many SockJS sessions")
 
 
 class SessionRegistry:
