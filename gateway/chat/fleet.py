@@ -203,9 +203,10 @@ class NodeRegistry:
                 await self._forget()
                 more = [e.node_id for e in others if e is not entry]
                 also = f" (other live nodes: {', '.join(more)})" if more else ""
+                expires = max(1.0, self.stale_s - entry.age_s)
                 raise FleetConflict(f"refusing to start: node {entry.node_id} (seen {entry.age_s:.0f} s ago) "
-                                    f"{reason}; a crashed node's entry expires {self.stale_s:g} s after it was "
-                                    f"last seen (node_stale_s){also}")
+                                    f"{reason} (if {entry.node_id} is no longer running, its entry expires in "
+                                    f"{expires:.0f} s: node_stale_s){also}")
         if others:
             log.info("fleet: node %s joins %d live node(s) on this database: %s", self.node_id, len(others),
                      ", ".join(e.node_id for e in others))
