@@ -13,6 +13,12 @@ It decides; the I/O layer executes:
 - ``on_frame`` (optional) is called with the command of every frame parsed, before it is handled (the
   I/O layer counts frames with it).
 
+Misuse by the I/O layer raises :class:`~gateway.stomp.frames.LocalProtocolError` (a bug in our
+code, as in wsproto): a RECEIPT before CONNECTED or once the session's output is closed (after the
+ERROR that ended it, or after :meth:`StompSession.close`), and ``refuse_connected`` of a session that is
+not CONNECTED. After a DISCONNECT the output stays open until ``close()``: the RECEIPTs of the frames
+before it, and its own, are still sent. The I/O layer therefore never writes to a closed session.
+
 A protocol violation never raises out of ``receive_data``: it becomes an ERROR frame (with the bad
 frame's ``receipt-id`` when it had a receipt) followed by a :class:`CloseRequested` event. The session
 names no WebSocket close codes (they are the transport's, :mod:`gateway.close_codes`, which this layer
@@ -32,7 +38,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from gateway.stomp.codec import FrameParser, MessageTemplate, escape, serialize
-from gateway.stomp.frames import Frame, ProtocolError
+from gateway.stomp.frames import Frame, LocalProtocolError, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -221,12 +227,19 @@ class StompSession:
         self.created_at = now
         self.last_received = now
         self.last_sent = now
+        self._output_closed = False   # an ERROR ended the session, or close(): nothing more may be queued
 
     # --- inbound ---------------------------------------------------------------------------
 
     @property
     def closed(self) -> bool:
         return self.state is State.CLOSED
+
+    @property
+    def writable(self) -> bool:
+        """Whether RECEIPTs may still be queued: not once an ERROR ended the session or ``close()`` ran
+        (a DISCONNECT leaves it writable, for the RECEIPTs of the frames up to it)."""
+        return not self._output_closed and self.state is not State.AWAITING_CONNECT
 
     @property
     def escape_headers(self) -> bool:
@@ -324,6 +337,7 @@ class StompSession:
             self._queue_error("Supported protocol versions are 1.2,1.1,1.0", frame.get("receipt"),
                               extra=(("version", ",".join(SUPPORTED_VERSIONS)),))
             self.state = State.CLOSED
+            self._output_closed = True
             events.append(CloseRequested("unsupported version"))
             return
         # The version is known from here on, before anything below can refuse the CONNECT: an ERROR
@@ -520,6 +534,11 @@ class StompSession:
         return template.render_with(headers, escape_headers=self.escape_headers)
 
     def send_receipt(self, receipt_id: str) -> None:
+        """Queue the RECEIPT of a frame the I/O layer handled (see the module docstring for when)."""
+        if self._output_closed:
+            raise LocalProtocolError(f"RECEIPT {receipt_id!r} queued after the session was closed")
+        if self.version is None or self.state is State.AWAITING_CONNECT:
+            raise LocalProtocolError(f"RECEIPT {receipt_id!r} queued before CONNECTED")
         self._outbox.append(serialize(Frame("RECEIPT", (("receipt-id", receipt_id),)),
                                       escape_headers=self.escape_headers))
 
@@ -536,9 +555,12 @@ class StompSession:
         """Take back the CONNECTED not yet sent (and anything queued after it) and answer the CONNECT
         with an ERROR instead, ending the session: for checks the I/O layer makes after
         ``receive_data`` returned :class:`Connected` (e.g. a cluster-wide count of the user's sessions)."""
+        if self.state is not State.CONNECTED or self._output_closed:
+            raise LocalProtocolError("refuse_connected() of a session that is not CONNECTED")
         self._outbox.clear()
         self._queue_error(message)
         self.state = State.CLOSED
+        self._output_closed = True
         return CloseRequested(message[:120])
 
     def data_to_send(self) -> list[bytes]:
@@ -557,11 +579,14 @@ class StompSession:
         if self.state is not State.CLOSED:
             self._queue_error(message, receipt_id)
             self.state = State.CLOSED
+            self._output_closed = True
         return CloseRequested(message[:120])
 
     def close(self) -> None:
-        """Mark the session closed without answering (transport lost)."""
+        """Mark the session closed (transport lost, or the I/O layer is closing it): nothing more may be
+        queued."""
         self.state = State.CLOSED
+        self._output_closed = True
 
     # --- heart-beats --------------------------------------------------------------------------
 

@@ -349,6 +349,8 @@ class StompConnection:
                 return False
             self._user_counted = user
             return True
+        if self.closed:
+            return False   # lost (or closed) while counting: nothing to refuse
         log.info("session %s: CONNECT of %r refused: %d sessions (max_sessions_per_user)",
                  self.info.session_id, user[:64], limit)
         LIMIT_REFUSALS_BY_LIMIT["sessions_per_user"].inc()
@@ -398,7 +400,7 @@ class StompConnection:
                     history = await self._resume_history(event.subscription_id, event.destination,
                                                          resume_after)
                 if event.receipt is not None:
-                    self.session.send_receipt(event.receipt)
+                    self._receipt(event.receipt)
                     self._drain_session()
                 if resume_after is not None:
                     await self._replay(event.subscription_id, resume_after, history)
@@ -407,9 +409,9 @@ class StompConnection:
                 self._replayed_up_to.pop(event.subscription_id, None)
                 await self.hub.unsubscribe(self, event.subscription_id, event.destination)
                 if event.receipt is not None:
-                    self.session.send_receipt(event.receipt)
+                    self._receipt(event.receipt)
             elif isinstance(event, ReceiptRequested):
-                self.session.send_receipt(event.receipt)
+                self._receipt(event.receipt)
             elif isinstance(event, Connected):
                 self.info.user = event.user
                 self.info.version = event.version
@@ -427,7 +429,7 @@ class StompConnection:
                 await self.hub.session_connected(self)
             elif isinstance(event, DisconnectRequested):
                 if event.receipt is not None:
-                    self.session.send_receipt(event.receipt)
+                    self._receipt(event.receipt)
                 self._drain_session()
                 self._begin_close(CLOSE_NORMAL, "DISCONNECT")
             elif isinstance(event, CloseRequested):
@@ -458,7 +460,7 @@ class StompConnection:
         await self.hub.publish(Publication(event.destination, event.body, content_type=content_type,
                                            headers=event.custom_headers, origin=self.hub.node_id))
         if event.receipt is not None:
-            self.session.send_receipt(event.receipt)
+            self._receipt(event.receipt)
 
     # --- pipelined SENDs to application destinations ----------------------------------------------
 
@@ -539,7 +541,7 @@ class StompConnection:
                 self._refusing = True
                 self._fail(error, head.receipt, reason=reason)
             elif head.receipt is not None:
-                self.session.send_receipt(head.receipt)
+                self._receipt(head.receipt)
         if not self.closed:
             self._drain_session()
 
@@ -610,6 +612,13 @@ class StompConnection:
         self._begin_close(code or CLOSE_PROTOCOL_ERROR, close.reason)
 
     # --- outbound ------------------------------------------------------------------------------
+
+    def _receipt(self, receipt: str) -> None:
+        """Queue a RECEIPT unless the connection is closing or gone (the session refuses to write
+        after its close: a frame handled across an await may find the connection closed, and a frame
+        before a protocol error in the same read finds the session ended by its ERROR)."""
+        if not self.closed and self.session.writable:
+            self.session.send_receipt(receipt)
 
     def _drain_session(self) -> None:
         # The session's own frames (CONNECTED, RECEIPT, ERROR) count against the queue limit too: a
