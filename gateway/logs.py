@@ -1,7 +1,7 @@
 """Logging for the whole process: one formatter for the gateway's loggers and uvicorn's.
 
 Owns: :func:`configure_logging` (called by ``chat-gateway serve`` before uvicorn starts and in each
-worker process, and by :func:`gateway.app.create_app`), :func:`logging_config` (the
+worker process, and by :func:`gateway.app.create_app` with ``replace=False``), :func:`logging_config` (the
 :func:`logging.config.dictConfig` dictionary, also handed to ``uvicorn.Config(log_config=...)`` so
 uvicorn installs none of its own handlers: ``uvicorn``, ``uvicorn.error`` and ``uvicorn.access``
 propagate to the root handler like every other logger), and the formats:
@@ -141,9 +141,15 @@ def logging_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def configure_logging(settings: Settings) -> None:
+def configure_logging(settings: Settings, *, replace: bool = True) -> None:
     """Route every logger of this process (the gateway's, uvicorn's, structlog's) to one stderr
-    handler in ``settings.log_format``. Idempotent: calling it again replaces the handler."""
+    handler in ``settings.log_format``. Idempotent: calling it again replaces the handler.
+
+    With ``replace=False`` (what :func:`gateway.app.create_app` uses) nothing changes when the root
+    logger already has a handler: an embedder's logging, pytest's capture or the set-up that
+    ``chat-gateway serve`` made before building the app stays as it is."""
+    if not replace and logging.getLogger().handlers:
+        return
     logging.config.dictConfig(logging_config(settings))
     structlog.configure(
         processors=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,

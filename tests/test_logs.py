@@ -225,3 +225,16 @@ async def test_a_real_server_logs_json_session_lines_without_tokens_or_bodies(tm
         assert secret not in text
     for token in (alice, bob, forged):   # nor any part of a token (its signature, say)
         assert token.rsplit(".", 1)[-1] not in text
+
+
+def test_configure_logging_without_replace_keeps_a_handler_already_there() -> None:
+    code = ("import logging, sys; from gateway.logs import configure_logging; "
+            "from gateway.settings import load_settings; "
+            "logging.basicConfig(stream=sys.stderr, format='PLAIN %(message)s', level='INFO'); "
+            "configure_logging(load_settings(environ={}), replace=False); logging.getLogger('x').info('kept'); "
+            "configure_logging(load_settings(environ={})); logging.getLogger('x').info('replaced')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO,
+                            check=True)
+    first, second = result.stderr.splitlines()
+    assert first == "PLAIN kept"
+    assert json.loads(second)["event"] == "replaced"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import resource
 from collections.abc import Iterator
 
@@ -122,7 +123,9 @@ async def test_past_the_connection_cap_new_connections_are_closed_on_accept_with
             await eventually(stomp_connects, "a new STOMP client to connect", timeout_s=30)  # type: ignore[arg-type]  # async condition
             log = gateway.log_text()
             assert log.count("refusing connections") == 1, log
-            assert "WARNING" in next(line for line in log.splitlines() if "refusing connections" in line)
+            # One JSON line per record (gateway.logs: stderr is a file here).
+            assert json.loads(next(line for line in log.splitlines() if "refusing connections" in line))[
+                "level"] == "warning"
         finally:
             _close_all(conns)
 
