@@ -271,6 +271,13 @@ class NodeRegistry:
             await self._insert(conn)
         log.warning("fleet: node %s's entry had expired (database unreachable for over %g s?); registered again",
                     self.node_id, self.stale_s)
+        # Meanwhile another node may have started without seeing this one: say so (a running node
+        # cannot refuse to start any more).
+        for entry in await self.live_nodes():
+            reason = incompatibility(self.fingerprint, entry.fingerprint, entry.node_id)
+            if reason is not None:
+                log.error("fleet: node %s (seen %.0f s ago) started while this node's entry had expired and %s",
+                          entry.node_id, entry.age_s, reason)
 
     # --- internals -------------------------------------------------------------------------------
 

@@ -189,18 +189,26 @@ async def test_ages_come_from_the_database_clock(engine: AsyncEngine) -> None:
         await node.stop()
 
 
-async def test_heartbeats_refresh_last_seen_and_re_register_a_dropped_row(engine: AsyncEngine) -> None:
+async def test_heartbeats_refresh_last_seen_and_re_register_a_dropped_row(
+        engine: AsyncEngine, caplog: pytest.LogCaptureFixture) -> None:
     node = registry(engine, "beating", REDIS_X, heartbeat_s=0.05, stale_s=30)
     await node.start()
     try:
         first = (await rows(engine))["beating"]["last_seen"]
         await eventually(lambda: _last_seen_after(engine, "beating", first), "a refreshed last_seen", timeout_s=30)
-        async with engine.begin() as conn:  # another node dropped the row as stale (a long outage)
+        # Another node dropped the row as stale (a long outage) and an incompatible one started.
+        async with engine.begin() as conn:  # one transaction: the node sees both or neither
             await conn.execute(gateway_nodes.delete())
-        await eventually(lambda: _has_row(engine, "beating"), "the row registered again", timeout_s=30)
+            await conn.execute(gateway_nodes.insert().values(
+                node_id="intruder", incarnation="other", started_at=datetime.now(UTC), last_seen=datetime.now(UTC),
+                **NO_REDIS.columns()))
+        with caplog.at_level("WARNING", logger="gateway.chat.fleet"):
+            await eventually(lambda: _has_row(engine, "beating"), "the row registered again", timeout_s=30)
+            await eventually(lambda: any("node intruder" in r.getMessage() and r.levelname == "ERROR"
+                                         for r in caplog.records), "the conflict logged", timeout_s=30)
     finally:
         await node.stop()
-    assert await rows(engine) == {}
+    assert set(await rows(engine)) == {"intruder"}
 
 
 async def test_a_displaced_process_stops_refreshing_and_does_not_delete_the_new_row(engine: AsyncEngine) -> None:
