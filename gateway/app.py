@@ -15,12 +15,14 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from gateway.auth import create_authenticator
+from gateway.close_codes import CLOSE_SERVICE_RESTART
 from gateway.hub import Hub, MessageRouter
 from gateway.limits import create_limits
 from gateway.logs import configure_logging
@@ -28,7 +30,7 @@ from gateway.metrics_route import metrics_routes
 from gateway.node import Gateway
 from gateway.receive import LocalFanout
 from gateway.settings import Settings, load_settings
-from gateway.transport.base import CLOSE_SERVICE_RESTART
+from gateway.startup import ReportStartupRefusal
 from gateway.transport.connection import session_config
 from gateway.transport.sockjs import create_sockjs_routes
 from gateway.transport.sockjs import greeting as sockjs_greeting
@@ -84,10 +86,9 @@ def create_app(settings: Settings | None = None, *,
     """Build the ASGI app with the chat domain and the pages, or, when ``configure`` is given, with
     those components instead (tests: an echo handler)."""
     settings = settings or load_settings()
-    if not logging.getLogger().handlers:
-        # `chat-gateway serve` (and each worker) configured logging already; an embedder or a test
-        # that configured its own keeps it.
-        configure_logging(settings)
+    # `chat-gateway serve` (and each worker) configured logging already; an embedder or a test that
+    # configured its own keeps it.
+    configure_logging(settings, replace=False)
     gateway = build_gateway(settings)
 
     async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -122,7 +123,8 @@ def create_app(settings: Settings | None = None, *,
         finally:
             await gateway.stop()
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    # A StartupRefused (schema not migrated, a split fleet) is reported as its one line, not a traceback.
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(ReportStartupRefusal)])
     app.state.gateway = gateway
     return app
 

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 
 from gateway.broker.base import Broker
 from gateway.chat.component import ChatComponent
+from gateway.close_codes import CLOSE_SERVICE_RESTART
 from gateway.host import HealthCheck, Step
 from gateway.hub import Hub, MessageRouter, Subscriber
 from gateway.receive import LocalFanout, ReceivePath, Stage, compose
 from gateway.settings import Settings
 from gateway.stomp.session import Authenticator, SessionConfig
-from gateway.transport.base import CLOSE_SERVICE_RESTART, Connection, FrameSink
+from gateway.transport.base import Connection, FrameSink
 from gateway.transport.connection import StompConnection
 from gateway.transport.sockjs import SessionRegistry
 

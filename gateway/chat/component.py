@@ -4,9 +4,10 @@ Owns the chat layer's composition, in one place (:func:`chat_component`): the se
 on ``chat_message_destination`` -> :class:`ChatService` -> :class:`GroupCommitWriter`, whose commits
 go to ``ChatService.committed``, which offers them to the sequencer before publishing), the receive
 path's ordering stage (:class:`RoomSequencer`), the hub listener (:class:`ChatListener`), and the
-start-up and shutdown order: check the schema, start the group-commit writer, presence and
-publisher; on shutdown (after sessions drained) commit what is queued, publish what was committed,
-then stop presence and close the database.
+start-up and shutdown order: check the schema, register the node in the fleet (refusing to start
+beside a node that delivers differently, :mod:`gateway.chat.fleet`), start the group-commit writer,
+presence and publisher; on shutdown (after sessions drained) commit what is queued, publish what was
+committed, then stop presence, leave the fleet and close the database.
 
 Must not import Starlette's app, the transport layer or the node (``gateway.node``, ``gateway.app``).
 """
@@ -21,6 +22,7 @@ import sqlalchemy as sa
 from starlette.routing import BaseRoute
 
 from gateway.broker.base import Publication
+from gateway.chat.fleet import node_registry
 from gateway.chat.group_commit import GroupCommitWriter
 from gateway.chat.migrations import schema_problem
 from gateway.chat.presence import MemoryPresence, Presence, RedisPresence
@@ -30,12 +32,13 @@ from gateway.chat.sequencer import RoomSequencer
 from gateway.chat.service import ChatService, PublicationEncoder
 from gateway.host import Host
 from gateway.hub import HubListener, SessionInfo
+from gateway.startup import StartupRefused
 
 log = logging.getLogger(__name__)
 
 
-class SchemaMissing(RuntimeError):
-    pass
+class SchemaMissing(StartupRefused):
+    """The database is unreachable at start, or its schema is not at the Alembic head."""
 
 
 class ChatListener(HubListener):
@@ -90,6 +93,8 @@ def chat_component(host: Host) -> ChatComponent:
                          connect_timeout_s=settings.db_connect_timeout_s,
                          statement_timeout_s=settings.db_statement_timeout_s)
     repository = ChatRepository(engine)
+    # The live nodes on this database: a node whose delivery (Redis, channels) differs refuses to start.
+    fleet = node_registry(engine, settings)
     # SQLite bounds a stuck batch itself (busy_timeout); elsewhere the whole batch gets a deadline.
     batch_timeout = (None if is_sqlite_url(settings.database_url)
                      else settings.db_connect_timeout_s + 2 * settings.db_statement_timeout_s)
@@ -139,6 +144,7 @@ def chat_component(host: Host) -> ChatComponent:
             raise SchemaMissing(f"database at {where} is unreachable ({type(exc).__name__}: {exc})") from None
         if problem is not None:
             raise SchemaMissing(f"database at {where}: {problem}")
+        await fleet.start()
         await writer.start()
         await presence.start()
         await service.start()
@@ -150,6 +156,7 @@ def chat_component(host: Host) -> ChatComponent:
         await service.stop(timeout=settings.drain_timeout_s)
         await sequencer.stop()
         await presence.stop()
+        await fleet.stop()
         await engine.dispose()
 
     host.health_checks["database"] = database_ready

@@ -45,8 +45,9 @@ from dataclasses import dataclass, field
 
 from gateway import metrics
 from gateway.broker.base import Publication
+from gateway.broker.channels import room_id_of
 from gateway.chat.models import StoredMessage
-from gateway.chat.payload import peek_seq, room_id_of
+from gateway.chat.payload import peek_seq
 from gateway.receive import Emit
 
 log = logging.getLogger(__name__)

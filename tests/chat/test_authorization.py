@@ -44,6 +44,7 @@ from gateway.settings import SettingsError, load_settings
 from tests.support.live_server import LiveServer
 from tests.support.node import require_node, run_node
 from tests.support.polling import eventually_sync
+from tests.support.redis_server import redis_server
 
 SECRET = base64.b64encode(b"a-secret-for-the-authorization-tests-0123456789").decode()
 USERS = ("alice:wonderland", "bob:builder", "carol:singer", "mute:quiet", "admin:root")
@@ -267,11 +268,18 @@ async def test_members_policy_over_rest(make_server: Any, auth: str) -> None:
 
 async def test_a_removed_member_loses_the_room_on_another_node_within_the_cache_ttl(
         make_server: Any, tmp_path: Path) -> None:
-    """Two nodes on one database (memory brokers: only the database is shared): alice removes bob on
-    node A; bob's session on node B gets its ERROR within authz_cache_ttl_s (1 s here) plus a check."""
-    node_a = await make_server(**mode_settings("users", authz_policy="members", authz_cache_ttl_s=1.0))
+    """Two nodes on one database and one Redis (nodes sharing a database must share a Redis, see
+    gateway.chat.fleet): alice removes bob on node A; bob's session on node B gets its ERROR within
+    authz_cache_ttl_s (1 s here) plus a check; no message on the bus tells node B."""
+    with redis_server() as redis:
+        await _removed_member_on_another_node(make_server, redis.url)
+
+
+async def _removed_member_on_another_node(make_server: Any, redis_url: str) -> None:
+    node_a = await make_server(**mode_settings("users", authz_policy="members", authz_cache_ttl_s=1.0),
+                               redis_url=redis_url)
     settings = load_settings(environ={}, database_url=node_a.gateway.settings.database_url, heartbeat_receive_ms=0,
-                             node_id="node-b", db_busy_timeout_s=120,
+                             node_id="node-b", db_busy_timeout_s=120, redis_url=redis_url,
                              **mode_settings("users", authz_policy="members", authz_cache_ttl_s=1.0))
     node_b = LiveServer(create_app(settings)).start()
     try:
