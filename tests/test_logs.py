@@ -214,7 +214,7 @@ async def test_a_real_server_logs_json_session_lines_without_tokens_or_bodies(tm
     assert end["sends"] == 1 and end["user"] == "alice" and end["duration_s"] >= 0
     assert {line["user"] for line in opened} == {"alice", "bob"}         # the refused CONNECT opened nothing
     refused = [line for line in closed if not line["connected"]]
-    assert len(refused) == 1 and refused[0]["user"] is None
+    assert len(refused) == 1 and refused[0]["user"] is None and refused[0]["close_code"] == 1002
     drained = [line for line in closed if line["user"] == "bob"]
     assert [line["close_reason"] for line in drained] == ["Server shutting down"]
 
