@@ -207,3 +207,37 @@ def test_an_operators_metrics_dir_is_wiped_of_old_files_and_kept(tmp_path: Path)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     assert tmp_path.is_dir()
     assert os.environ.get("PROMETHEUS_MULTIPROC_DIR") == before
+
+
+def test_a_worker_that_dies_is_replaced_and_the_supervisor_still_exits_0(redis: RedisServer, tmp_path: Path) -> None:
+    gateway = GatewayProcess({"redis_url": redis.url, "workers": 2, "log_format": "json"}, workdir=tmp_path)
+    try:
+        gateway.start(60)
+        supervisor = gateway.pid or 0
+        first = eventually_sync(lambda: worker_pids(supervisor), "the supervisor's two workers", timeout_s=60)
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        replaced = eventually_sync(lambda: (pids := worker_pids(supervisor)) and victim not in pids and pids,
+                                   "a new worker in the killed one's place", timeout_s=60)
+        assert len(replaced) == 2 and max(first) in replaced
+        eventually_sync(lambda: any(line.get("event") == "Application startup complete." and line["pid"] in
+                                    replaced - first for line in log_lines(gateway)),
+                        "the new worker serving", timeout_s=60)
+        assert gateway.stop(120) == 0, gateway.log_text()[-5000:]
+    finally:
+        gateway.cleanup()
+    died = [line for line in log_lines(gateway) if line.get("worker_pid") == victim and "exit_code" in line]
+    assert [line["exit_code"] for line in died] == [-signal.SIGKILL]
+
+
+def test_a_worker_that_cannot_start_stops_the_supervisor_with_status_1(redis: RedisServer, tmp_path: Path) -> None:
+    # An empty database (no `chat-gateway migrate`): every worker's startup fails the schema check.
+    gateway = GatewayProcess({"redis_url": redis.url, "workers": 2, "log_format": "json",
+                              "database_url": f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"}, workdir=tmp_path)
+    try:
+        gateway.start(wait=False)
+        assert gateway.process is not None
+        assert gateway.process.wait(120) == 1, gateway.log_text()[-5000:]
+    finally:
+        gateway.cleanup()
+    assert any(line.get("event", "").endswith("failed to start: stopping") for line in log_lines(gateway))
