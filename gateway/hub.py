@@ -148,7 +148,7 @@ class HubListener:
 class MessageRouter:
     """Application destination handlers keyed by the path below an application prefix."""
 
-    def __init__(self, app_prefixes: tuple[str, ...] = ("/pub",)) -> None:
+    def __init__(self, app_prefixes: tuple[str, ...]) -> None:
         self.app_prefixes = app_prefixes
         self._exact: dict[str, Handler] = {}
         self._patterns: list[tuple[str, Handler]] = []

@@ -82,7 +82,7 @@ class RoomSequencer:
     name = "room-order"
 
     def __init__(self, room_prefix: str, *, history: HistoryFetch, last_seq: LastSeqFetch, encode: Encode,
-                 heads: HeadsFetch | None = None, head_check_s: float = 1.0) -> None:
+                 head_check_s: float, heads: HeadsFetch | None = None) -> None:
         self.room_prefix = room_prefix
         self._history = history
         self._last_seq = last_seq

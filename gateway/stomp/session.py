@@ -170,7 +170,9 @@ class SessionConfig:
     app_prefixes: tuple[str, ...]
     broker_prefixes: tuple[str, ...]
     allow_client_broker_send: bool
-    server_name: str = "chat-gateway/0.1"
+    server_name: str = "chat-gateway"
+    """CONNECTED's ``server`` header; the gateway passes ``chat-gateway/<version>``
+    (:func:`gateway.transport.connection.session_config`, from ``gateway.__version__``)."""
 
     @classmethod
     def of(cls, settings: object, **overrides: Any) -> SessionConfig:

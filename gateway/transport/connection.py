@@ -37,6 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from gateway import __version__
 from gateway.broker.base import BrokerUnavailable, Publication
 from gateway.hub import (
     RESUME_HEADER,
@@ -112,8 +113,9 @@ def _count_frame_in(command: str) -> None:
 
 
 def session_config(settings: Settings) -> SessionConfig:
-    """The STOMP session's limits and prefixes: the settings of the same names."""
-    return SessionConfig.of(settings)
+    """The STOMP session's limits and prefixes: the settings of the same names; CONNECTED's
+    ``server`` header names the installed version."""
+    return SessionConfig.of(settings, server_name=f"chat-gateway/{__version__}")
 
 
 def _is_text(frame: bytes) -> bool:

@@ -11,6 +11,7 @@ from gateway.broker.base import Publication
 from gateway.chat.models import MessageType, StoredMessage
 from gateway.chat.payload import encode_message
 from gateway.chat.sequencer import RoomSequencer
+from gateway.settings import Settings
 
 PREFIX = "/sub/chat/room/"
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -33,7 +34,7 @@ class World:
         self.history_calls = 0
         self.fail_history = 0
         self.sequencer = RoomSequencer(PREFIX, history=self.history, last_seq=self.last_seq,
-                                       encode=self.encode)
+                                       encode=self.encode, head_check_s=Settings().room_head_check_s)
         self.sequencer.downstream = self.deliver
 
     async def history(self, room: str, after: int, limit: int) -> list[StoredMessage]:

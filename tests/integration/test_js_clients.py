@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from gateway import __version__
 from tests.support.live_server import LiveServer, live_server
 from tests.support.node import run_node
 
@@ -49,7 +50,7 @@ def test_stompjs_connects_with_v12_and_user_name(server: LiveServer) -> None:
     assert result["protocol"] == "v12.stomp"
     connected = result["connected"]
     assert connected["version"] == "1.2" and connected["user-name"] == "alice"
-    assert connected["heart-beat"] == "100,200" and connected["server"] == "chat-gateway/0.1"
+    assert connected["heart-beat"] == "100,200" and connected["server"] == f"chat-gateway/{__version__}"
 
 
 def test_stompjs_send_reaches_handler_that_broadcasts_to_another_session(server: LiveServer) -> None:

@@ -22,6 +22,7 @@ import pytest
 import stomp
 import stomper
 
+from gateway import __version__
 from tests.support.live_server import LiveServer, live_server
 from tests.support.polling import eventually_sync
 from tests.support.stomp_wire import WsStompClient
@@ -97,7 +98,7 @@ def test_stomp_py_connects_with_stomp_and_no_subprotocol(server: LiveServer) -> 
     (connected,) = recorder.connected
     assert connected["version"] == "1.2"
     assert connected["user-name"] == "pyuser"
-    assert connected["server"] == "chat-gateway/0.1"
+    assert connected["server"] == f"chat-gateway/{__version__}"
     assert conn.transport.socket.getsubprotocol() is None
     conn.disconnect(receipt="bye")
     assert "bye" in recorder.receipts

@@ -90,7 +90,7 @@ def test_connected_bytes_exactly() -> None:
     session = new_session()
     session.receive_data(frame("CONNECT", {"accept-version": "1.2", "host": "h", "heart-beat": "0,0"}), 0.0)
     assert out_bytes(session) == (b"CONNECTED\nversion:1.2\nheart-beat:1000,10000\nsession:s1\n"
-                                  b"server:chat-gateway/0.1\n\n\x00")
+                                  b"server:chat-gateway\n\n\x00")
 
 
 def test_connected_has_user_name_when_known_and_server_name_is_a_setting() -> None:
