@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: run test install install-test node-deps system-deps lint typecheck migrate bench clean
+.PHONY: run test install install-test node-deps system-deps lint typecheck migrate bench dashboard clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,12 @@ lint: install-test
 bench: install-test node-deps
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# docs/grafana-dashboard.png: deploy/grafana-dashboard.json's panels rendered from /metrics scraped during
+# a short scripted run of two real nodes (needs redis-server; see bench/metrics_dashboard.py).
+dashboard: install-test
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python -m bench.metrics_dashboard $(DASHBOARD_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules chat-gateway.db .pytest_cache .mypy_cache .ruff_cache

@@ -363,3 +363,27 @@ def test_the_endpoint_sums_the_processes_of_a_multiprocess_directory(tmp_path: P
             assert worker.stdin is not None
             worker.stdin.close()
             worker.wait(30)
+
+
+# --- the Grafana dashboard -----------------------------------------------------------------------------
+
+
+def test_the_dashboard_queries_only_metrics_the_gateway_exposes() -> None:
+    from bench.metrics_dashboard import DASHBOARD, dashboard_exprs, metric_names, parse_promql
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    # Sample names by family (a labelled family without children yet has no samples, only its TYPE).
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    exposed = {family.name + suffix for family in text_string_to_metric_families(metrics.exposition()[0].decode())
+               for suffix in suffixes.get(family.type, ("",))}
+    used: set[str] = set()
+    for expr in dashboard_exprs(dashboard):
+        used |= metric_names(parse_promql(expr))
+    assert used <= exposed, used - exposed
+    chat_metrics = {name for name in exposed if name.startswith("chat_gateway_")}
+    # Every family of the gateway appears on the dashboard.
+    families = {re.sub(r"_(bucket|sum|count)$", "", name) for name in chat_metrics}
+    shown = {re.sub(r"_(bucket|sum|count)$", "", name) for name in used}
+    assert families <= shown, families - shown
