@@ -10,6 +10,7 @@ value class of prometheus_client is chosen at its first import, so it cannot be 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -387,3 +388,62 @@ def test_the_dashboard_queries_only_metrics_the_gateway_exposes() -> None:
     families = {re.sub(r"_(bucket|sum|count)$", "", name) for name in chat_metrics}
     shown = {re.sub(r"_(bucket|sum|count)$", "", name) for name in used}
     assert families <= shown, families - shown
+
+
+# --- serve --workers 2: any worker answers for both -----------------------------------------------------
+
+
+@pytest.mark.redis
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+async def test_with_two_workers_every_scrape_sums_both(tmp_path: Path) -> None:
+    from tests.support.gateway_process import GatewayProcess
+    from tests.support.redis_server import RedisServer
+    from tests.test_workers_drain import worker_of, worker_pids
+
+    sends_each = 3
+    with RedisServer() as redis:
+        gateway = GatewayProcess({"redis_url": redis.url, "workers": 2, "heartbeat_receive_ms": 0,
+                                  "send_rate_per_s": 0}, workdir=tmp_path)
+        gateway.start(timeout=60)
+        clients: list[WsStompClient] = []
+        try:
+            supervisor = gateway.pid or 0
+            workers = eventually_sync(lambda: worker_pids(supervisor), "the supervisor's two workers", timeout_s=60)
+            gateway.wait_ready(60)
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+                response = await http.post("/chat/room", data={"name": "workers"})
+                response.raise_for_status()
+                room = str(response.json()["roomId"])
+            per_worker: dict[int, int] = dict.fromkeys(workers, 0)
+
+            async def open_client() -> WsStompClient:
+                ws = await WsStompClient.open(gateway.ws_url)
+                # Anonymous, no login: no ENTER/QUIT system messages, the room gets exactly our SENDs.
+                connected = await ws.connect({"accept-version": "1.2", "host": "x"})
+                per_worker[worker_of(connected.get("session") or "", workers)] += 1
+                return ws
+
+            while min(per_worker.values()) < 2:
+                assert len(clients) < 48, f"the sessions all landed on one worker: {per_worker}"
+                clients += await asyncio.gather(*(open_client() for _ in range(4)))
+            for ws in clients:
+                await ws.send(sends(room, sends_each))
+            for ws in clients:
+                for _ in range(sends_each):
+                    assert (await ws.next_frame(60)).command == "RECEIPT"
+            total = len(clients)
+            expected = {key("chat_gateway_sessions", transport="websocket"): total,
+                        key("chat_gateway_connections_total", transport="websocket"): total,
+                        key("chat_gateway_messages_committed_total"): total * sends_each,
+                        key("chat_gateway_frames_received_total", command="SEND"): total * sends_each}
+            scrapes = Scrapes(gateway.url)   # baseline: nothing (a fresh multiprocess directory)
+            await scrapes.moved(expected)
+            # Whichever worker the kernel hands a scrape to, it answers for both.
+            for _ in range(8):
+                assert await scrapes.deltas(list(expected)) == expected
+        finally:
+            for ws in clients:
+                with contextlib.suppress(Exception):
+                    await ws.close()
+            gateway.cleanup()
