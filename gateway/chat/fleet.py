@@ -169,7 +169,7 @@ class NodeRegistry:
     """This node's row in ``gateway_nodes``: registered and checked at start, refreshed, deleted at stop."""
 
     def __init__(self, engine: AsyncEngine, node_id: str, fingerprint: DeliveryFingerprint, *,
-                 heartbeat_s: float, stale_s: float, timeout_s: float) -> None:
+                 heartbeat_s: float, stale_s: float, timeout_s: float, stop_timeout_s: float | None = None) -> None:
         if stale_s <= heartbeat_s:
             raise ValueError("stale_s must exceed heartbeat_s")
         self.engine = engine
@@ -178,6 +178,7 @@ class NodeRegistry:
         self.heartbeat_s = heartbeat_s
         self.stale_s = stale_s
         self.timeout_s = timeout_s
+        self.stop_timeout_s = timeout_s if stop_timeout_s is None else stop_timeout_s
         self.incarnation = uuid.uuid4().hex
         self.registered = False
         self._task: asyncio.Task[None] | None = None
@@ -194,13 +195,13 @@ class NodeRegistry:
                 await self.register()
                 others = await self.live_nodes()
         except Exception as exc:
-            await self._forget()
+            await self._forget(self.timeout_s)
             raise StartupRefused(f"refusing to start: could not record node {self.node_id} in the "
                                  f"database's gateway_nodes table ({type(exc).__name__}: {exc})") from None
         for entry in others:
             reason = incompatibility(self.fingerprint, entry.fingerprint, entry.node_id)
             if reason is not None:
-                await self._forget()
+                await self._forget(self.timeout_s)
                 more = [e.node_id for e in others if e is not entry]
                 also = f" (other live nodes: {', '.join(more)})" if more else ""
                 expires = max(1.0, self.stale_s - entry.age_s)
@@ -213,13 +214,14 @@ class NodeRegistry:
         self._task = asyncio.create_task(self._heartbeats(), name=f"fleet-heartbeat-{self.node_id}")
 
     async def stop(self) -> None:
-        """Stop refreshing and delete this node's row (a failure is logged; the row then expires)."""
+        """Stop refreshing and delete this node's row, waiting at most ``stop_timeout_s`` (a failure is
+        logged; the row then expires after ``stale_s``)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self._forget()
+        await self._forget(self.stop_timeout_s)
 
     async def register(self) -> None:
         """Drop stale rows and an earlier run's row of this node id, then insert this node's row."""
@@ -287,12 +289,12 @@ class NodeRegistry:
             node_id=self.node_id, incarnation=self.incarnation, started_at=now, last_seen=now,
             **self.fingerprint.columns()))
 
-    async def _forget(self) -> None:
+    async def _forget(self, timeout_s: float) -> None:
         if not self.registered:
             return
         self.registered = False
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(timeout_s):
                 async with write_transaction(self.engine) as conn:
                     await conn.execute(gateway_nodes.delete().where(
                         gateway_nodes.c.node_id == self.node_id, gateway_nodes.c.incarnation == self.incarnation))
@@ -322,6 +324,8 @@ def node_registry(engine: AsyncEngine, settings: Settings) -> NodeRegistry:
     timeout_s = settings.db_connect_timeout_s + 2 * settings.db_statement_timeout_s
     if is_sqlite_url(settings.database_url):
         timeout_s += settings.db_busy_timeout_s
+    # At shutdown the drain has already waited for the database; an unreachable one is not waited
+    # for again longer than drain_timeout_s (the row then expires).
     return NodeRegistry(engine, settings.node_id, DeliveryFingerprint.of(settings),
                         heartbeat_s=settings.node_heartbeat_s, stale_s=settings.node_stale_s,
-                        timeout_s=timeout_s)
+                        timeout_s=timeout_s, stop_timeout_s=min(timeout_s, settings.drain_timeout_s))

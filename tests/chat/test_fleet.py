@@ -242,6 +242,7 @@ async def test_node_registry_reads_the_settings(engine: AsyncEngine, database_ur
                              node_stale_s=4, redis_url="redis://h:1/0", redis_channel_prefix="x:")
     node = node_registry(engine, settings)
     assert (node.node_id, node.heartbeat_s, node.stale_s) == ("n1", 1, 4)
+    assert node.stop_timeout_s == settings.drain_timeout_s < node.timeout_s  # shutdown waits no longer than a drain
     assert node.fingerprint == replace(REDIS_X, redis="h:1/0", channel_prefix="x:")
 
 
