@@ -145,10 +145,15 @@ def chat_component(host: Host) -> ChatComponent:
         if problem is not None:
             raise SchemaMissing(f"database at {where}: {problem}")
         await fleet.start()
-        await writer.start()
-        await presence.start()
-        await service.start()
-        await sequencer.start()
+        try:
+            await writer.start()
+            await presence.start()
+            await service.start()
+            await sequencer.start()
+        except BaseException:
+            # No stop step runs after a failed start: leave the fleet now, not after node_stale_s.
+            await fleet.stop()
+            raise
 
     async def shutdown() -> None:
         # Commit what was read, then publish what was committed, then let go of Redis and the DB.
