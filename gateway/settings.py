@@ -368,6 +368,17 @@ def _field_parser(f: Any) -> Callable[[str], Any]:
     return str
 
 
+def default(name: str) -> Any:
+    """The default of setting ``name``: what a lower layer's constructor uses as its own keyword
+    default, so that each default is written once, here."""
+    for f in fields(Settings):
+        if f.name == name:
+            if f.default is MISSING:
+                raise KeyError(f"setting {name} has no plain default")
+            return f.default
+    raise KeyError(f"no setting named {name}")
+
+
 def setting_fields() -> list[Any]:
     """The dataclass fields of :class:`Settings`, in declaration order (used by docs and the CLI)."""
     return list(fields(Settings))

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.broker.base import Publication, RoomPayloadReader
 from gateway.broker.patterns import WILDCARDS, is_pattern
+from gateway.settings import default
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -187,9 +188,11 @@ def _literal_head(pattern: str) -> str:
 class SpringChannelMapper:
     """The :class:`ChannelMapper` of a fleet shared with Spring chat servers (see module docstring)."""
 
-    def __init__(self, *, mode: str = "room", prefix: str = "", room_prefix: str = "/sub/chat/room/",
-                 single_channel: str = "chatroom", node_id: str = "", payload: str = "spring",
-                 room_reader: RoomPayloadReader | None = None, sharded: bool = False) -> None:
+    def __init__(self, *, mode: str = default("redis_channel_mode"), prefix: str = default("redis_channel_prefix"),
+                 room_prefix: str = default("chat_room_prefix"),
+                 single_channel: str = default("redis_single_channel"), node_id: str = "",
+                 payload: str = default("redis_payload"), room_reader: RoomPayloadReader | None = None,
+                 sharded: bool = default("redis_sharded_pubsub")) -> None:
         if mode not in {"room", "single"}:
             raise ValueError(f"channel mode must be 'room' or 'single', not {mode!r}")
         if payload not in PAYLOAD_FORMS:

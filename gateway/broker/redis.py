@@ -76,6 +76,7 @@ from gateway.broker.base import (
 from gateway.broker.channels import ChannelMapper, RedisSubscription, SpringChannelMapper, glob_matches
 from gateway.broker.redis_urls import RedisTarget, cluster_client, parse_redis_url, sentinel_manager
 from gateway.metrics import REDIS_RECONNECTS
+from gateway.settings import default
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -162,8 +163,11 @@ class RedisBroker:
     """A :class:`~gateway.broker.base.Broker` over Redis Pub/Sub (see the module docstring)."""
 
     def __init__(self, url: str, *, node_id: str, channel_mapper: ChannelMapper,
-                 reconnect_min_s: float = RECONNECT_MIN_S, reconnect_max_s: float = 30.0,
-                 timeout_s: float = 2.0, health_check_s: float = 5.0, pool_size: int = 16) -> None:
+                 reconnect_min_s: float = RECONNECT_MIN_S,
+                 reconnect_max_s: float = default("redis_reconnect_max_s"),
+                 timeout_s: float = default("redis_timeout_s"),
+                 health_check_s: float = default("redis_health_check_s"),
+                 pool_size: int = default("redis_pool_size")) -> None:
         if min(reconnect_min_s, reconnect_max_s, timeout_s, health_check_s) <= 0 or pool_size < 1:
             raise ValueError("Redis broker delays, timeouts and pool size must be positive")
         self.url = url

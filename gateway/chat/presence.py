@@ -32,6 +32,8 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from gateway.settings import default
+
 log = logging.getLogger(__name__)
 
 
@@ -106,8 +108,8 @@ return totals
 
 
 class RedisPresence:
-    def __init__(self, redis_url: str, *, node_id: str, prefix: str = "", ttl_s: int = 30,
-                 refresh_s: float = 1.0) -> None:
+    def __init__(self, redis_url: str, *, node_id: str, prefix: str = default("redis_channel_prefix"),
+                 ttl_s: int = default("presence_ttl_s"), refresh_s: float = default("presence_refresh_s")) -> None:
         from gateway.broker.redis_urls import data_client, parse_redis_url
 
         self._redis: Any = data_client(parse_redis_url(redis_url), timeout_s=5)
