@@ -89,8 +89,12 @@ def test_compose_nginx_runs_deploy_nginx_conf_in_front_of_both_gateways() -> Non
 def test_dockerfile_copies_what_the_gateway_needs() -> None:
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     for needed in ("COPY package.json package-lock.json", "npm ci", "COPY gateway", "COPY alembic",
-                   "COPY static", "pip install -e .", "node_modules ./node_modules", "/readyz"):
+                   "COPY static", "pip wheel --no-deps", "-c constraints.txt", "node_modules ./node_modules",
+                   "GATEWAY_NODE_MODULES_DIR=/app/node_modules", "/readyz"):
         assert needed in dockerfile, needed
+    # The image runs the wheel (migrations and pages as package data), not an editable checkout.
+    assert "pip install -e" not in dockerfile
+    assert "pip install /wheels/chat_gateway-" in dockerfile
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     for kept in ("!gateway/**", "!alembic/**", "!static/**", "!package-lock.json"):
         assert kept in ignore
