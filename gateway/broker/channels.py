@@ -104,8 +104,11 @@ def valid_room_id(room_id: str) -> bool:
             and not room_id.startswith(RESERVED_ROOM_PREFIX))
 
 
+@lru_cache(maxsize=65536)
 def room_id_of(room_prefix: str, destination: str) -> str | None:
-    """The room of an exact room destination ``<room_prefix><roomId>``; None for any other destination."""
+    """The room of an exact room destination ``<room_prefix><roomId>``; None for any other destination.
+
+    Cached: the chat path asks it several times per message (validation, sequencer, service)."""
     if not destination.startswith(room_prefix):
         return None
     room_id = destination[len(room_prefix):]

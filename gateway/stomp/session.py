@@ -399,10 +399,12 @@ class StompSession:
 
     def classify(self, destination: str) -> str:
         """'app', 'broker' or 'unknown' for a destination, by the configured prefixes."""
-        if any(_has_prefix(destination, p) for p in self.config.app_prefixes):
-            return "app"
-        if any(_has_prefix(destination, p) for p in self.config.broker_prefixes):
-            return "broker"
+        for prefix in self.config.app_prefixes:   # loops, not any(<genexpr>): once per SEND
+            if _has_prefix(destination, prefix):
+                return "app"
+        for prefix in self.config.broker_prefixes:
+            if _has_prefix(destination, prefix):
+                return "broker"
         return "unknown"
 
     def _send(self, frame: Frame, events: list[Event], receipt: str | None, *, in_commit: bool = False) -> None:
