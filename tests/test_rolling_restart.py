@@ -45,6 +45,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from deploy.local_cluster import ClusterError, find_executable, local_nginx_conf
 from tests.support.ci import skip_or_fail
+from tests.support.polling import eventually
 from tests.support.postgres import temporary_database
 from tests.support.stomp_wire import WsStompClient
 
@@ -176,11 +177,8 @@ class ChatClient:
 
 
 async def until(predicate: Any, what: str, timeout: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
+    """:func:`~tests.support.polling.eventually` with this test's deadline."""
+    await eventually(predicate, what, timeout_s=timeout)
 
 
 async def history(http: httpx.AsyncClient, room: str) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from gateway.chat.migrations import upgrade
 from gateway.chat.models import MessageType, NewMessage, SaveResult, messages, rooms
 from gateway.chat.repository import ChatRepository, UnknownRoomError, make_engine
+from tests.support.polling import eventually
 from tests.support.postgres import temporary_database
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -67,14 +68,6 @@ async def room_state(engine: AsyncEngine) -> dict[str, tuple[int, list[int]]]:
     return {room_id: (counters[room_id], seqs[room_id]) for room_id in counters}
 
 
-async def eventually(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 60.0) -> None:
-    """Poll ``condition`` until it holds; fail after a generous ``timeout`` (no timing is asserted)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await condition():
-        if loop.time() > deadline:
-            pytest.fail(f"timed out waiting until {what}")
-        await asyncio.sleep(0.05)
 
 
 @asynccontextmanager
@@ -318,7 +311,7 @@ async def test_two_nodes_racing_on_one_client_id_store_it_once_after_a_retry() -
                         talk(other.room_id, "a elsewhere"), talk(room.room_id, "from a", client_msg_id="same")]))
                     save_b = asyncio.create_task(repo_b.save_batch([
                         talk(room.room_id, "from b", client_msg_id="same")]))
-                    await eventually(lambda: _waiting(admin, 2), "both nodes wait for the room lock")
+                    await eventually(lambda: _waiting(admin, 2), "both nodes wait for the room lock", timeout_s=60)
                     await holder.rollback()
                 (quiet, a), (b,) = await asyncio.wait_for(asyncio.gather(save_a, save_b), 120)
             assert isinstance(quiet, SaveResult) and isinstance(a, SaveResult) and isinstance(b, SaveResult)
@@ -357,7 +350,7 @@ async def test_postgres_locks_the_rooms_of_a_batch_in_sorted_order() -> None:
                 await holder.begin()
                 await holder.execute(sa.select(rooms.c.room_id).where(rooms.c.room_id == held).with_for_update())
                 save = asyncio.create_task(repo.save_batch([talk(room_id, "x") for room_id in reversed(room_ids)]))
-                await eventually(lambda: _waiting(admin, 1), "the batch waits for the held room")
+                await eventually(lambda: _waiting(admin, 1), "the batch waits for the held room", timeout_s=60)
                 await probe.begin()
                 free = (await probe.execute(
                     sa.select(rooms.c.room_id).where(rooms.c.room_id != held)
@@ -393,7 +386,7 @@ async def test_a_batch_after_postgres_killed_the_pooled_connections_is_stored() 
                     return not (await conn.exec_driver_sql(
                         f"SELECT count(*) FROM pg_stat_activity WHERE pid = {int(pid)}")).scalar_one()
 
-            await eventually(gone, "the backend is gone")
+            await eventually(gone, "the backend is gone", timeout_s=60)
             (outcome,) = await repo.save_batch([talk(room.room_id, "after", client_msg_id="a")])
             assert isinstance(outcome, SaveResult) and outcome.message.seq == 2
             assert [m.message for m in await repo.history(room.room_id)] == ["before", "after"]

@@ -21,6 +21,7 @@ from typing import Any
 from gateway.chat.service import ChatService
 from tests.chat.test_chat_service import ROOM_PREFIX, client, create_room, db_count
 from tests.support.live_server import LiveServer
+from tests.support.polling import eventually
 from tests.support.stomp_wire import WsStompClient, frame
 
 SEND_HEADERS = {"destination": "/pub/chat/message", "content-type": "application/json"}
@@ -86,7 +87,7 @@ async def test_receipts_leave_in_send_order_and_seq_follows_it(make_server: Any)
     with write_lock(server):
         await sender.send(sends(room, "m", 300))
         # The window fills while the first commit waits: the session read ahead of its commits.
-        await server.await_for(lambda: writer.pending >= 64, 60, "a full window of SENDs in flight")
+        await eventually(lambda: writer.pending >= 64, "a full window of SENDs in flight", timeout_s=60)
     assert await receipts(sender, 300) == [f"m-{i}" for i in range(300)]
     got = await messages(listener, 300)
     assert [m["message"] for m in got] == [f"m-{i}" for i in range(300)]
@@ -102,7 +103,7 @@ async def test_a_window_of_one_answers_one_send_at_a_time(make_server: Any) -> N
     writer = chat_service(server).writer
     with write_lock(server):
         await sender.send(sends(room, "w", 20))
-        await server.await_for(lambda: writer.pending == 1, 60, "the first SEND in flight")
+        await eventually(lambda: writer.pending == 1, "the first SEND in flight", timeout_s=60)
         assert writer.pending == 1  # the next SEND is not read before the first is answered
     assert await receipts(sender, 20) == [f"w-{i}" for i in range(20)]
     assert writer.stats.largest_batch == 1
@@ -117,7 +118,7 @@ async def test_a_refused_send_in_the_window_answers_after_the_receipts_before_it
                 b'{"type":"TALK","roomId":"00000000-0000-0000-0000-000000000000","message":"x"}')
     with write_lock(server):
         await sender.send(sends(room, "ok", 3) + bad + sends(room, "after", 2))
-        await server.await_for(lambda: chat_service(server).writer.pending == 3, 60, "3 SENDs in flight")
+        await eventually(lambda: chat_service(server).writer.pending == 3, "3 SENDs in flight", timeout_s=60)
     assert await receipts(sender, 3) == ["ok-0", "ok-1", "ok-2"]
     error = await sender.next_frame(60)
     assert error.command == "ERROR" and error.get("receipt-id") == "bad"
@@ -138,7 +139,7 @@ async def test_backpressure_bounds_uncommitted_sends_and_loses_nothing(make_serv
     with write_lock(server):
         for index, ws in enumerate(senders):
             await ws.send(sends(room, f"s{index}", 50))
-        await server.await_for(lambda: writer.pending == 8, 60, "the node's bound of uncommitted SENDs")
+        await eventually(lambda: writer.pending == 8, "the node's bound of uncommitted SENDs", timeout_s=60)
         # Everything is written to the sockets; the node still holds no more than its bound.
         await asyncio.sleep(0)
         assert writer.pending == 8
@@ -160,8 +161,8 @@ async def test_sends_in_flight_when_the_session_goes_away_are_still_committed(ma
     writer = chat_service(server).writer
     with write_lock(server):
         await sender.send(sends(room, "gone", 20))
-        await server.await_for(lambda: writer.pending == 20, 60, "20 SENDs in flight")
+        await eventually(lambda: writer.pending == 20, "20 SENDs in flight", timeout_s=60)
         await sender.close()
-        await server.await_for(lambda: server.session_count == 0, 60, "the session to end")
-    await server.await_for(lambda: writer.pending == 0, 60, "the commits")
+        await eventually(lambda: server.session_count == 0, "the session to end", timeout_s=60)
+    await eventually(lambda: writer.pending == 0, "the commits", timeout_s=60)
     assert await db_count(server) == 20

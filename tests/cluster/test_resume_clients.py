@@ -30,6 +30,7 @@ import stomp
 
 from tests.cluster.conftest import ROOM_PREFIX, Cluster, chat_body
 from tests.support.node import NodeScript
+from tests.support.polling import eventually
 from tests.support.stomp_wire import WsStompClient
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis]
@@ -46,12 +47,8 @@ SETTINGS = {"send_rate_per_s": 0}
 
 
 async def until(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
-    """Wait (without blocking the loop) until ``predicate()`` holds; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
+    """:func:`~tests.support.polling.eventually` with this test's deadline."""
+    await eventually(predicate, what, timeout_s=timeout)
 
 
 @dataclass

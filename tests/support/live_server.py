@@ -33,7 +33,6 @@ from gateway.app import Gateway, create_app
 from gateway.broker.base import Publication
 from gateway.hub import InboundMessage, MessageRejected
 from gateway.settings import Settings, load_settings
-from tests.support.polling import eventually
 
 T = TypeVar("T")
 
@@ -129,11 +128,6 @@ class LiveServer:
         """Run a coroutine on the server's loop (e.g. ``gateway.hub.publish``) and return its result."""
         assert self.loop is not None
         return asyncio.run_coroutine_threadsafe(factory(), self.loop).result(timeout)
-
-    async def await_for(self, predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-        """Deprecated: use :func:`tests.support.polling.eventually`. Kept for the callers that still
-        use it (tests/chat/test_pipelined_sends.py)."""
-        await eventually(predicate, what, timeout_s=timeout)
 
     @property
     def session_count(self) -> int:

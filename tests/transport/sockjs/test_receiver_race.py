@@ -21,7 +21,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import pytest
 
 from gateway.transport.sockjs.registry import SessionRegistry
 from gateway.transport.sockjs.session import Receiver, SockJSSession
+from tests.support.polling import eventually_sync
 from tests.transport.sockjs.conftest import (
     FakeFactory,
     ThreadedServer,
@@ -97,10 +97,8 @@ def _read_to_eof(sock: socket.socket) -> bytes:
 
 
 def _wait(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + IO_TIMEOUT_S
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.001)
+    # A short interval: the race this file provokes needs the next step right after the condition.
+    eventually_sync(predicate, what, timeout_s=IO_TIMEOUT_S, interval_s=0.001)
 
 
 def abort_then_reconnect(server: ThreadedServer, registry: SessionRegistry, transport: Transport) -> bytes:
