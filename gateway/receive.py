@@ -42,8 +42,10 @@ Emit = Callable[[Publication], None]
 GapSignal = Callable[[frozenset[str]], None]
 
 
-def _unwired(publication: Publication) -> None:
-    raise RuntimeError(f"receive stage for {publication.destination} is not composed into a path")
+def not_composed(publication: Publication) -> None:
+    """A stage's ``downstream`` until :func:`compose` sets it."""
+    raise RuntimeError(f"receive stage for {publication.destination} is not composed into a path "
+                       "(gateway.receive.compose)")
 
 
 class Stage(Protocol):

@@ -48,7 +48,7 @@ from gateway.broker.base import Publication
 from gateway.broker.channels import room_id_of
 from gateway.chat.models import StoredMessage
 from gateway.chat.payload import peek_seq
-from gateway.receive import Emit
+from gateway.receive import Emit, not_composed
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,6 @@ class _Room:
     behind: int | None = None   # a head above ``last`` seen at the previous head check
 
 
-def _not_composed(publication: Publication) -> None:
-    raise RuntimeError("RoomSequencer is not composed into a receive path (gateway.receive.compose)")
-
-
 class RoomSequencer:
     """The ``room-order`` stage; see the module docstring."""
 
@@ -92,7 +88,7 @@ class RoomSequencer:
         self._heads_failing = False
         self.head_repairs = 0
         self._encode = encode
-        self.downstream: Emit = _not_composed
+        self.downstream: Emit = not_composed
         self._rooms: dict[str, _Room] = {}
         self.duplicates_dropped = 0
         self.repaired = 0
