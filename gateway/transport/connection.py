@@ -196,11 +196,11 @@ class StompConnection:
         self._expires_at: float | None = None      # the credential's expiry, epoch seconds
         self._sessions_gauge = SESSIONS.labels(transport)
         self._gauged = False                       # counted in chat_gateway_sessions (until lost)
-        self._messages_out = 0                     # MESSAGEs queued, not yet added to the metric
         self._opened_at = clock()
         self._close_cause: tuple[int | None, str] | None = None   # the server's close, for the log line
         self._sends = 0        # SEND frames read, and MESSAGE frames queued (the session close line)
         self._delivered = 0
+        self._delivered_counted = 0   # how many of them the MESSAGE frames metric has (added per write)
 
     # --- Connection protocol ----------------------------------------------------------------
 
@@ -318,13 +318,13 @@ class StompConnection:
         data = self.session.render_message(template, subscription_id)
         if data is not None:
             self._enqueue(data)
-            self._messages_out += 1
             self._delivered += 1
 
     def _flush_messages_out(self) -> None:
-        if self._messages_out:
-            FRAMES_OUT_MESSAGE.inc(self._messages_out)
-            self._messages_out = 0
+        uncounted = self._delivered - self._delivered_counted
+        if uncounted:
+            FRAMES_OUT_MESSAGE.inc(uncounted)
+            self._delivered_counted = self._delivered
 
     def close_soon(self, code: int, reason: str, error: str | None = None) -> None:
         if self.closed:
@@ -717,8 +717,7 @@ class StompConnection:
                 except Exception:
                     break  # the transport is gone
                 self.session.note_sent(self.clock())
-                if self._messages_out:
-                    self._flush_messages_out()
+                self._flush_messages_out()
                 if self._queued_bytes <= self.settings.outbound_max_bytes // 2:
                     self._queue_low.set()
         except asyncio.CancelledError:
