@@ -26,8 +26,9 @@ does only what the gateway needs:
   would fail alike): then the other workers are stopped and the supervisor exits 1;
 - Prometheus multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` is set before the first worker starts,
   to the ``metrics_dir`` setting (its ``*.db`` files deleted first) or to a fresh private temporary
-  directory (removed at exit); ``prometheus_client.multiprocess.mark_process_dead`` runs for every
-  worker that exits.
+  directory (removed at exit). A gone worker's live gauges are dropped by every scrape
+  (:func:`gateway.metrics.forget_dead_processes`, which also covers a worker killed behind the
+  supervisor's back), so the supervisor does not clean them itself.
 
 No health pings of the workers (uvicorn's supervisor has them): a hung worker is not replaced.
 
@@ -167,14 +168,6 @@ class Supervisor:
         log.info("worker %d started", worker.pid, extra={"worker_pid": worker.pid})
         return worker
 
-    def _mark_dead(self, pid: int) -> None:
-        from prometheus_client import multiprocess
-
-        try:
-            multiprocess.mark_process_dead(pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
-        except OSError as exc:  # a file removed meanwhile: nothing left to clean
-            log.debug("mark_process_dead(%d): %s", pid, exc)
-
     def run(self) -> int:
         """Serve until a stop signal (or a worker's startup failure); the process's exit code."""
         handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -203,7 +196,6 @@ class Supervisor:
                     continue
                 worker.process.join()
                 code = worker.process.exitcode
-                self._mark_dead(worker.pid)
                 if code == STARTUP_FAILURE:
                     log.error("worker %d failed to start: stopping", worker.pid,
                               extra={"worker_pid": worker.pid, "exit_code": code})
@@ -243,7 +235,6 @@ class Supervisor:
                 log.warning("worker %d exited with %s", worker.pid, code,
                             extra={"worker_pid": worker.pid, "exit_code": code})
                 clean = False
-            self._mark_dead(worker.pid)
         log.info("supervisor: every worker stopped", extra={"clean": clean})
         return 0 if clean else 1
 
