@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
 from gateway import metrics
-from gateway.app import create_app
-from gateway.chat.migrations import upgrade
 from gateway.metrics_route import METRICS_PATH, metrics_routes
-from gateway.settings import load_settings
 from tests.support.gateway_process import REPO
 from tests.support.live_server import LiveServer
 from tests.support.net import free_port
@@ -158,34 +155,6 @@ async def test_the_route_serves_the_text_exposition() -> None:
 # --- integration: a real chat server ----------------------------------------------------------------
 
 
-def serve_metrics(app: Starlette) -> Starlette:
-    """The app as built, plus /metrics if create_app does not mount it (yet)."""
-    if not any(getattr(route, "path", None) == METRICS_PATH for route in app.router.routes):
-        app.router.routes.extend(metrics_routes())
-    return app
-
-
-@pytest.fixture
-async def chat_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[LiveServer]]]:
-    servers: list[LiveServer] = []
-
-    async def make(**overrides: Any) -> LiveServer:
-        overrides.setdefault("send_rate_per_s", 0)
-        url = f"sqlite+aiosqlite:///{tmp_path / f'chat{len(servers)}.db'}"
-        await asyncio.to_thread(upgrade, url)
-        settings = load_settings(environ={}, database_url=url, heartbeat_receive_ms=0, node_id="metrics-node",
-                                 **overrides)
-        server = LiveServer(serve_metrics(create_app(settings))).start()
-        servers.append(server)
-        return server
-
-    try:
-        yield make
-    finally:
-        for server in servers:
-            server.stop()
-
-
 async def create_room(server: LiveServer) -> str:
     async with httpx.AsyncClient(base_url=server.url) as http:
         response = await http.post("/chat/room", data={"name": "metrics"})
@@ -206,9 +175,9 @@ def sends(room: str, count: int, tag: str = "m") -> bytes:
         for i in range(count))
 
 
-async def test_n_sends_move_committed_published_frames_and_batches_by_n(chat_server: Any) -> None:
+async def test_n_sends_move_committed_published_frames_and_batches_by_n(make_server: Any) -> None:
     n = 40
-    server = await chat_server()
+    server = await make_server()
     room = await create_room(server)
     scrapes = Scrapes(server.url)
     await scrapes.baseline()
@@ -247,8 +216,8 @@ async def test_n_sends_move_committed_published_frames_and_batches_by_n(chat_ser
                          key("chat_gateway_connections_total", transport="websocket"): 2})
 
 
-async def test_refused_frames_count_errors_by_reason(chat_server: Any) -> None:
-    server = await chat_server()
+async def test_refused_frames_count_errors_by_reason(make_server: Any) -> None:
+    server = await make_server()
     scrapes = Scrapes(server.url)
     await scrapes.baseline()
     unknown_room = await connect(server)
@@ -266,8 +235,8 @@ async def test_refused_frames_count_errors_by_reason(chat_server: Any) -> None:
     })
 
 
-async def test_a_refused_connect_counts_an_auth_failure(chat_server: Any) -> None:
-    server = await chat_server(auth="users", users=("alice:secret",))
+async def test_a_refused_connect_counts_an_auth_failure(make_server: Any) -> None:
+    server = await make_server(auth="users", users=("alice:secret",))
     scrapes = Scrapes(server.url)
     await scrapes.baseline()
     ws = await WsStompClient.open(server.ws_url)
@@ -283,10 +252,10 @@ async def test_a_refused_connect_counts_an_auth_failure(chat_server: Any) -> Non
     })
 
 
-async def test_a_send_over_the_rate_limit_counts_a_refusal(chat_server: Any) -> None:
+async def test_a_send_over_the_rate_limit_counts_a_refusal(make_server: Any) -> None:
     # A bucket of 2 that refills once a minute: the third SEND of one burst is refused whatever the
     # machine's speed.
-    server = await chat_server(send_rate_per_s=1 / 60, send_burst=2)
+    server = await make_server(send_rate_per_s=1 / 60, send_burst=2)
     room = await create_room(server)
     scrapes = Scrapes(server.url)
     await scrapes.baseline()

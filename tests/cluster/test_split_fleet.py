@@ -49,12 +49,6 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
 
 
 @pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture
 def node(database_url: str, tmp_path: Path) -> Iterator[Any]:
     made: list[GatewayProcess] = []
 
