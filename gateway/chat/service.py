@@ -47,7 +47,6 @@ import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC
 
 from gateway.auth import is_reserved_name
 from gateway.authz import AccessRequest, Action, Authorizer, create_policy, refusal, wildcard_may_match
@@ -150,6 +149,11 @@ def _relay(outer: asyncio.Future[None], inner: asyncio.Future[SaveResult]) -> No
         outer.set_exception(_storage_failure(exc))
 
 
+def _revoke(subscriber: Subscriber, room_id: str) -> None:
+    """End a session that lost access to a room it is subscribed to (ERROR, then close 1008)."""
+    subscriber.close_soon(CLOSE_POLICY, "access revoked", error=f"Access to room {room_id!r} was revoked")
+
+
 class PublicationEncoder:
     """A stored message as the room publication every node delivers: the ChatMessage JSON (with the
     room's cached ``userCount``), its ``seq``, and when it was stored (``committed_at``)."""
@@ -160,12 +164,10 @@ class PublicationEncoder:
         self.node_id = node_id
 
     def __call__(self, stored: StoredMessage) -> Publication:
-        created = stored.created_at
-        if created.tzinfo is None:
-            created = created.replace(tzinfo=UTC)
+        # created_at is timezone-aware UTC however it was read (chat.models.UTCDateTime).
         return Publication(self.room_prefix + stored.room_id,
                            encode_message(stored, self.presence.cached(stored.room_id)),
-                           origin=self.node_id, seq=stored.seq, committed_at=created.timestamp())
+                           origin=self.node_id, seq=stored.seq, committed_at=stored.created_at.timestamp())
 
 
 class ChatService:
@@ -427,8 +429,7 @@ class ChatService:
         for subscriber in list(self.hub.sessions.values()):
             info = subscriber.info
             if info.user == user and room_id in self.rooms_of(subscriber):
-                subscriber.close_soon(CLOSE_POLICY, "access revoked",
-                                      error=f"Access to room {room_id!r} was revoked")
+                _revoke(subscriber, room_id)
 
     async def recheck_subscriptions(self) -> int:
         """Re-ask the policy, in one batch, about every room a local session is subscribed to whose
@@ -442,8 +443,7 @@ class ChatService:
         for info, room_id in await self.authz.recheck(subscribed):
             target = self.hub.sessions.get(info.session_id)
             if target is not None:
-                target.close_soon(CLOSE_POLICY, "access revoked",
-                                      error=f"Access to room {room_id!r} was revoked")
+                _revoke(target, room_id)
                 closed += 1
         return closed
 

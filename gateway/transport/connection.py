@@ -102,8 +102,9 @@ _prefix = f"{os.getpid():x}"
 # Server frames by their first byte (CONNECTED, RECEIPT, ERROR: what the session queues itself).
 _FRAMES_OUT_BY_FIRST_BYTE = {ord(command[0]): child for command, child in FRAMES_OUT_BY_COMMAND.items()
                              if command != "MESSAGE"}
-# The ERROR of a close_soon, by its close reason (anything else is the node draining).
-_CLOSE_ERROR_REASONS = {"access revoked": "access_revoked"}
+# The ERROR of a close_soon, by its close code: a policy close is a revoked access (the chat layer's),
+# anything else the node draining (Hub.close_all).
+_CLOSE_ERROR_REASONS = {CLOSE_POLICY: "access_revoked"}
 
 
 def _count_frame_in(command: str) -> None:
@@ -331,7 +332,7 @@ class StompConnection:
             return
         if error is not None:
             if not self.session.closed:
-                ERRORS_BY_REASON[_CLOSE_ERROR_REASONS.get(reason, "server_closing")].inc()
+                ERRORS_BY_REASON[_CLOSE_ERROR_REASONS.get(code, "server_closing")].inc()
             self.session.send_error(error)
             self._drain_session()
         self._begin_close(code, reason)
