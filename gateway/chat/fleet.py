@@ -198,16 +198,14 @@ class NodeRegistry:
             await self._forget(self.timeout_s)
             raise StartupRefused(f"refusing to start: could not record node {self.node_id} in the "
                                  f"database's gateway_nodes table ({type(exc).__name__}: {exc})") from None
-        for entry in others:
-            reason = incompatibility(self.fingerprint, entry.fingerprint, entry.node_id)
-            if reason is not None:
-                await self._forget(self.timeout_s)
-                more = [e.node_id for e in others if e is not entry]
-                also = f" (other live nodes: {', '.join(more)})" if more else ""
-                expires = max(1.0, self.stale_s - entry.age_s)
-                raise FleetConflict(f"refusing to start: node {entry.node_id} (seen {entry.age_s:.0f} s ago) "
-                                    f"{reason} (if {entry.node_id} is no longer running, its entry expires in "
-                                    f"{expires:.0f} s: node_stale_s){also}")
+        for entry, reason in self._conflicts(others):
+            await self._forget(self.timeout_s)
+            more = [e.node_id for e in others if e is not entry]
+            also = f" (other live nodes: {', '.join(more)})" if more else ""
+            expires = max(1.0, self.stale_s - entry.age_s)
+            raise FleetConflict(f"refusing to start: node {entry.node_id} (seen {entry.age_s:.0f} s ago) "
+                                f"{reason} (if {entry.node_id} is no longer running, its entry expires in "
+                                f"{expires:.0f} s: node_stale_s){also}")
         if others:
             log.info("fleet: node %s joins %d live node(s) on this database: %s", self.node_id, len(others),
                      ", ".join(e.node_id for e in others))
@@ -275,13 +273,16 @@ class NodeRegistry:
                     self.node_id, self.stale_s)
         # Meanwhile another node may have started without seeing this one: say so (a running node
         # cannot refuse to start any more).
-        for entry in await self.live_nodes():
-            reason = incompatibility(self.fingerprint, entry.fingerprint, entry.node_id)
-            if reason is not None:
-                log.error("fleet: node %s (seen %.0f s ago) started while this node's entry had expired and %s",
-                          entry.node_id, entry.age_s, reason)
+        for entry, reason in self._conflicts(await self.live_nodes()):
+            log.error("fleet: node %s (seen %.0f s ago) started while this node's entry had expired and %s",
+                      entry.node_id, entry.age_s, reason)
 
     # --- internals -------------------------------------------------------------------------------
+
+    def _conflicts(self, others: list[NodeEntry]) -> list[tuple[NodeEntry, str]]:
+        """The live nodes whose delivery this node's cannot share, with what differs."""
+        found = ((entry, incompatibility(self.fingerprint, entry.fingerprint, entry.node_id)) for entry in others)
+        return [(entry, reason) for entry, reason in found if reason is not None]
 
     async def _insert(self, conn: AsyncConnection) -> None:
         now = _db_now(self.engine)
