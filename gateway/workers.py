@@ -9,8 +9,7 @@ Why a supervisor of our own instead of ``uvicorn.supervisors.Multiprocess`` (rea
 ``Multiprocess`` builds every worker's server as a plain ``uvicorn.Server`` inside its ``Process``
 class, and creates ``Process`` objects directly in four places (the start, a dead worker's restart,
 SIGHUP, SIGTTIN); a ``DrainingServer`` per worker would mean overriding those four methods with
-copies of their bodies. It also ignores the workers' exit codes (a worker that cannot start would be
-restarted forever). The supervisor here is small and
+copies of their bodies. The supervisor here is small and
 does only what the gateway needs:
 
 - binds the listening socket once (``uvicorn.Config.bind_socket``) and starts N ``spawn`` processes
